@@ -1,0 +1,71 @@
+"""What happens when a linear solve fails: the `on_failure` policies."""
+
+import sys
+import warnings
+from typing import Literal, NamedTuple
+
+import equinox as eqx
+import equinox.internal as eqxi
+import jax
+from jax import lax
+from jaxtyping import Array, Bool, PyTree
+
+
+OnFailure = Literal["nan", "warn", "raise"]
+ON_FAILURE_CHOICES = ("nan", "warn", "raise")
+
+# Frames from these packages are skipped when looking for the user's call site.
+_LIBRARY_PREFIXES = ("implicitdiff", "jax", "jaxlib", "equinox", "lineax", "contextlib")
+
+
+class CallSite(NamedTuple):
+    """Where the user called the implicit function: warnings point there."""
+
+    filename: str
+    lineno: int
+    module: str
+
+    @classmethod
+    def of_caller(cls) -> "CallSite":
+        frame = sys._getframe(1)
+        while frame is not None:
+            module = frame.f_globals.get("__name__", "")
+            if not module.split(".")[0] in _LIBRARY_PREFIXES:
+                return cls(frame.f_code.co_filename, frame.f_lineno, module)
+            frame = frame.f_back
+        return cls("<unknown>", 0, "__main__")
+
+    def warn(self, message: str) -> None:
+        module = sys.modules.get(self.module)
+        registry = (
+            module.__dict__.setdefault("__warningregistry__", {})
+            if module is not None
+            else None
+        )
+        warnings.warn_explicit(
+            message, RuntimeWarning, self.filename, self.lineno, self.module, registry
+        )
+
+
+def apply_policy(
+    x: PyTree[Array],
+    failed: Bool[Array, ""],
+    policy: OnFailure,
+    message: str,
+    site: CallSite,
+) -> PyTree[Array]:
+    """Warns or raises as `policy` says when `failed`; `x` is already NaN then.
+
+    Costs one `lax.cond` on an unbatched flag when nothing fails: `unvmap_any` reduces
+    the flag over every `vmap` axis, so the cond is not turned into a `select` that
+    would run the callback on every call.
+    """
+    if policy == "warn":
+        lax.cond(
+            eqxi.unvmap_any(failed),
+            lambda: jax.debug.callback(site.warn, message),
+            lambda: None,
+        )
+    elif policy == "raise":
+        x = eqx.error_if(x, failed, message)
+    return x

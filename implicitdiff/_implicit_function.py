@@ -1,0 +1,272 @@
+"""The implicit rule: x → forward → y → conditions → operator → presolve → solve.
+
+Read top to bottom. `ImplicitFunction.__call__` splits the inputs into what is
+differentiated and what is not, and calls `_implicit`, a `jax.custom_jvp`:
+
+- its primal runs the forward, never traced for differentiation;
+- its JVP rule recomputes `y` through `_implicit` itself (so that a derivative of the
+  rule, at any order, again meets the implicit rule), linearises the conditions at
+  `(x, y)`, and solves `A ẏ = −B ẋ` with `lax.custom_linear_solve`.
+
+Reverse mode is not written here: JAX transposes the JVP rule. The transpose of
+`custom_linear_solve` calls its `transpose_solve`, so a VJP solves `Aᵀ u = v` and
+returns `−Bᵀ u`. The solver's `presolve` runs inside `solve`/`transpose_solve`: it
+depends only on `A`, so `vmap` over right-hand sides (`jacfwd`, `jacrev`) leaves it
+unbatched and it runs once per linearisation point, in the one direction in use.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+from jax import lax
+from jaxtyping import PyTree
+
+from ._failure import ON_FAILURE_CHOICES, CallSite, OnFailure, apply_policy
+from ._misc import all_finite, is_inexact_array, nan_unless, structure
+from ._representation import AbstractRepresentation, as_representation
+from ._solvers._auto import Auto
+from ._solvers._base import AbstractLinearSolver
+from ._solvers._least_squares import LeastSquares
+
+
+class ImplicitFunction(eqx.Module):
+    """A function `x ↦ y` defined by conditions `c(x, y) = 0`, differentiated by the
+    implicit function theorem.
+
+    Calling it runs `forward`. Differentiating it never differentiates `forward`:
+    with `A = ∂c/∂y` and `B = ∂c/∂x` at the forward's output, a JVP solves
+    `A ẏ = −B ẋ` and a VJP solves `Aᵀ u = v` and returns `−Bᵀ u`, both with
+    `linear_solver`. Every JAX transform works and composes: `jax.jvp`, `jax.jacfwd`,
+    `jax.grad`, `jax.vjp`, `jax.jacrev`, `jax.hessian` (any nesting), `jax.jit`,
+    `jax.vmap`.
+
+    **What is differentiated.** Every floating-point array leaf of `x` and of `args`,
+    and of `conditions` when it is a pytree (an `equinox.Module` holding parameters,
+    say). Integer and boolean arrays get no derivative; non-array leaves are static.
+    The byproduct `z` is a constant: its derivative is zero. Arrays held by `forward`
+    get zero derivative too, which is right: `y` depends on them only through the
+    conditions.
+
+    !!! Example
+
+        ```python
+        import jax
+        import jax.numpy as jnp
+        import implicitdiff as idf
+
+        def forward(x):  # Newton's method: not differentiated
+            y = jnp.ones_like(x)
+            for _ in range(30):
+                y = y - (y**2 - x) / (2 * y)
+            return y
+
+        def conditions(x, y):
+            return y**2 - x
+
+        sqrt = idf.ImplicitFunction(forward, conditions)
+        jax.jacobian(sqrt)(jnp.array([4.0, 9.0]))  # diag(1 / (2 sqrt(x)))
+        ```
+    """
+
+    forward: Callable
+    conditions: Callable
+    linear_solver: AbstractLinearSolver = Auto()
+    representation: AbstractRepresentation = eqx.field(
+        default="operator", converter=as_representation
+    )
+    has_byproduct: bool = eqx.field(default=False, static=True)
+    on_failure: OnFailure = eqx.field(default="warn", static=True)
+
+    def __check_init__(self):
+        for name in ("forward", "conditions"):
+            if not callable(getattr(self, name)):
+                raise TypeError(
+                    f"ImplicitFunction: `{name}` must be callable, "
+                    f"got {getattr(self, name)!r}."
+                )
+        if not isinstance(self.linear_solver, AbstractLinearSolver):
+            raise TypeError(
+                "ImplicitFunction: `linear_solver` must be an "
+                f"implicitdiff.AbstractLinearSolver, got {self.linear_solver!r}. "
+                "Wrap a lineax solver as implicitdiff.Lineax(solver)."
+            )
+        if self.on_failure not in ON_FAILURE_CHOICES:
+            raise ValueError(
+                f"ImplicitFunction: `on_failure` must be one of {ON_FAILURE_CHOICES}, "
+                f"got {self.on_failure!r}."
+            )
+        if not isinstance(self.has_byproduct, bool):
+            raise TypeError(
+                f"ImplicitFunction: `has_byproduct` must be a bool, "
+                f"got {self.has_byproduct!r}."
+            )
+
+    def __call__(self, x: PyTree, *args: Any) -> PyTree:
+        """Runs the forward.
+
+        **Arguments:**
+
+        - `x`: a pytree; its floating-point arrays are differentiable.
+        - `*args`: more inputs passed to `forward` and `conditions`, differentiable
+            like `x`.
+
+        **Returns:**
+
+        `y`, or `(y, z)` when `has_byproduct=True`.
+        """
+        site = CallSite.of_caller()
+        inputs = (self.conditions, x, args)
+        arrays, static_inputs = eqx.partition(inputs, eqx.is_array)
+        diff, nondiff = eqx.partition(arrays, is_inexact_array)
+        held, static_self = eqx.partition(
+            (self.forward, self.linear_solver, self.representation), eqx.is_array
+        )
+        output_static = []  # filled by the primal: the forward's non-array outputs
+
+        def unpack(diff, nondiff, held):
+            conditions, x, args = eqx.combine(diff, nondiff, static_inputs)
+            forward, solver, representation = eqx.combine(held, static_self)
+            return conditions, x, args, forward, solver, representation
+
+        @jax.custom_jvp
+        def implicit(diff, nondiff, held):
+            conditions, x, args, forward, _, _ = unpack(diff, nondiff, held)
+            y, z = self._split_output(forward(x, *args))
+            self._check_conditions_output(conditions, x, y, z, args)
+            out_arrays, out_static = eqx.partition((y, z), eqx.is_array)
+            output_static[:] = [out_static]
+            return out_arrays
+
+        @implicit.defjvp
+        def implicit_jvp(primals, tangents):
+            diff, nondiff, held = primals
+            t_diff = tangents[0]
+            out_arrays = implicit(diff, nondiff, held)
+            y, z = eqx.combine(out_arrays, output_static[0])
+            _, _, _, _, solver, representation = unpack(diff, nondiff, held)
+
+            def c(diff, y):
+                conditions, x, args, _, _, _ = unpack(diff, nondiff, held)
+                return self._conditions(conditions, x, y, z, args)
+
+            _, A = jax.linearize(lambda y: c(diff, y), y)
+            _, B_t = jax.jvp(lambda d: c(d, y), (diff,), (t_diff,))
+            rhs = jax.tree.map(jnp.negative, B_t)
+            y_dot = _linear_solve(
+                A, rhs, y, solver, representation, self.on_failure, site
+            )
+            z_dot = jax.tree.map(_zero_tangent, out_arrays[1])
+            return out_arrays, (y_dot, z_dot)
+
+        out_arrays = implicit(diff, nondiff, held)
+        y, z = eqx.combine(out_arrays, output_static[0])
+        return (y, z) if self.has_byproduct else y
+
+    def _split_output(self, output):
+        if not self.has_byproduct:
+            y, z = output, None
+        elif isinstance(output, tuple) and len(output) == 2:
+            y, z = output
+        else:
+            raise TypeError(
+                "ImplicitFunction: with has_byproduct=True, `forward` must return a "
+                f"tuple (y, z); it returned {type(output).__name__}."
+            )
+        leaves = jax.tree.leaves(y)
+        if not leaves or not all(
+            is_inexact_array(jnp.asarray(leaf)) for leaf in leaves
+        ):
+            raise TypeError(
+                "ImplicitFunction: `forward` must return y as a non-empty pytree of "
+                f"floating-point arrays; got {structure_or_repr(y)}."
+            )
+        return jax.tree.map(jnp.asarray, y), z
+
+    def _conditions(self, conditions, x, y, z, args):
+        if self.has_byproduct:
+            return conditions(x, y, z, *args)
+        return conditions(x, y, *args)
+
+    def _check_conditions_output(self, conditions, x, y, z, args):
+        """Raises at trace time when c cannot pair with y."""
+        c_struct = jax.eval_shape(lambda: self._conditions(conditions, x, y, z, args))
+        y_struct = structure(y)
+        if isinstance(self.linear_solver, LeastSquares):
+            same = all(
+                jnp.issubdtype(leaf.dtype, jnp.inexact)
+                for leaf in jax.tree.leaves(c_struct)
+            )
+        else:
+            same = jax.tree.structure(c_struct) == jax.tree.structure(y_struct) and all(
+                a.shape == b.shape and a.dtype == b.dtype
+                for a, b in zip(jax.tree.leaves(c_struct), jax.tree.leaves(y_struct))
+            )
+        if not same:
+            raise ValueError(
+                "ImplicitFunction: `conditions` must return c with the same pytree "
+                "structure, shapes and dtypes as y (a square system); "
+                f"y is {y_struct} but c is {c_struct}. "
+                "For more conditions than unknowns use linear_solver=LeastSquares()."
+            )
+
+
+def _linear_solve(A, rhs, y, solver, representation, on_failure, site):
+    """Solves `A ẏ = rhs` in a way JAX can transpose, with presolve inside."""
+    if isinstance(solver, LeastSquares):
+        # Normal equations AᵀA ẏ = Aᵀ rhs: square and symmetric, so custom_linear_solve
+        # applies and the transpose (a VJP) is the minimum-norm solve of Aᵀu = v.
+        At = jax.linear_transpose(A, y)
+        normal = lambda v: At(A(v))[0]  # noqa: E731
+        return _custom_solve(
+            normal, At(rhs)[0], solver, representation, on_failure, site
+        )
+    return _custom_solve(A, rhs, solver, representation, on_failure, site)
+
+
+def _custom_solve(matvec, rhs, solver, representation, on_failure, site):
+    def presolve_and_solve(direction):
+        def run(linear_fn, b):
+            b_struct = structure(b)
+            operator = representation.operator(linear_fn, b_struct)
+            if isinstance(solver, LeastSquares):
+                operator = lx.TaggedLinearOperator(
+                    operator, (lx.symmetric_tag, lx.positive_semidefinite_tag)
+                )
+            state = solver.presolve(operator, b_struct)
+            x = solver.solve(state, b)
+            solved = all_finite(x)
+            x = nan_unless(solved, x)  # all NaN, even if a solver NaNs only a part
+            failed = ~solved & all_finite(b)  # NaN in, NaN out is not a failure
+            message = (
+                f"implicitdiff: {type(solver).__name__} did not solve the {direction} "
+                f"linear system (singular or ill-conditioned ∂c/∂y, or no convergence); "
+                f"the derivative is NaN."
+            )
+            return apply_policy(x, failed, on_failure, message, site)
+
+        return run
+
+    return lax.custom_linear_solve(
+        matvec,
+        rhs,
+        solve=presolve_and_solve("JVP (A ẏ = −B ẋ)"),
+        transpose_solve=presolve_and_solve("VJP (Aᵀ u = v)"),
+    )
+
+
+def _zero_tangent(leaf):
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
+        return jnp.zeros_like(leaf)
+    return np.zeros(leaf.shape, jax.dtypes.float0)
+
+
+def structure_or_repr(tree):
+    try:
+        return structure(tree)
+    except Exception:
+        return repr(tree)

@@ -1,0 +1,98 @@
+"""The plug-in interface every linear solver implements."""
+
+import abc
+from typing import Any
+
+import equinox as eqx
+import lineax as lx
+from jaxtyping import PyTree
+
+import jax
+
+SolverState = Any
+
+
+class AbstractLinearSolver(eqx.Module):
+    """A linear solver for the systems of the implicit function theorem.
+
+    Every derivative of an [`implicitdiff.ImplicitFunction`][] solves linear systems
+    with one operator per linearisation point: `A = ∂c/∂y` for forward mode (JVPs)
+    and `Aᵀ` for reverse mode (VJPs). A solver splits that work in two:
+
+    - [`presolve`][implicitdiff.AbstractLinearSolver.presolve] runs once per
+      linearisation point and direction: factorise, build a preconditioner or a
+      multigrid hierarchy, and so on.
+    - [`solve`][implicitdiff.AbstractLinearSolver.solve] runs once per right-hand side
+      (or once for a batch of them, under `jax.vmap`), reusing that state.
+
+    **The NaN-on-failure contract.** `solve` must return a solution with *every* element
+    NaN when it has not solved the system to satisfaction: singular matrix, no
+    convergence, breakdown, or non-finite input. It must never return a finite wrong
+    answer. The [`implicitdiff.ImplicitFunction`][] then applies its `on_failure`
+    policy (silent NaN, a warning, or an error).
+
+    Both methods are traced by JAX (under `jit`, `vmap` and differentiation), so they
+    must be written in JAX, or call the host through `jax.pure_callback`.
+
+    !!! Example
+
+        A Jacobi iteration in a few lines:
+
+        ```python
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import implicitdiff as idf
+
+        class Jacobi(idf.AbstractLinearSolver):
+            steps: int = 200
+
+            def presolve(self, A, y):
+                return A.as_matrix()
+
+            def solve(self, state, b):
+                matrix = state
+                diagonal = jnp.diag(matrix)
+                b_flat, unflatten = jax.flatten_util.ravel_pytree(b)
+                x = jnp.zeros_like(b_flat)
+                for _ in range(self.steps):
+                    x = x + (b_flat - matrix @ x) / diagonal
+                converged = jnp.linalg.norm(b_flat - matrix @ x) <= 1e-8 * jnp.linalg.norm(b_flat)
+                return unflatten(jnp.where(converged, x, jnp.nan))
+        ```
+    """
+
+    @abc.abstractmethod
+    def presolve(
+        self, A: lx.AbstractLinearOperator, y: PyTree[jax.ShapeDtypeStruct]
+    ) -> SolverState:
+        """Prepares to solve linear systems with the operator `A`.
+
+        **Arguments:**
+
+        - `A`: the operator, a `lineax.AbstractLinearOperator`: `∂c/∂y` for JVPs and
+            its transpose for VJPs. `A.mv(v)` applies it, `A.as_matrix()` materialises
+            it as a dense 2D matrix, `A.transpose()` transposes it. With the
+            [`implicitdiff.Sparse`][] representation it is an
+            [`implicitdiff.SparseLinearOperator`][] that also holds the sparse matrix.
+        - `y`: the structure of the solution (a pytree of `jax.ShapeDtypeStruct`).
+
+        **Returns:**
+
+        Any pytree: the state handed to every later call of `solve`.
+        """
+
+    @abc.abstractmethod
+    def solve(self, state: SolverState, b: PyTree[jax.Array]) -> PyTree[jax.Array]:
+        """Solves `A x = b` with the state from `presolve`.
+
+        **Arguments:**
+
+        - `state`: what `presolve` returned.
+        - `b`: the right-hand side, a pytree shaped like `A`'s output.
+
+        **Returns:**
+
+        The solution `x`, a pytree shaped like `A`'s input, with every element NaN if
+        the system was not solved to satisfaction.
+        """
