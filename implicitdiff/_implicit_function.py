@@ -26,6 +26,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import PyTree
 
+from . import _solve_log as solve_log
 from ._failure import ON_FAILURE_CHOICES, CallSite, OnFailure, apply_policy
 from ._misc import all_finite, is_inexact_array, nan_unless, structure
 from ._representation import AbstractRepresentation, as_representation
@@ -229,23 +230,34 @@ def _linear_solve(A, rhs, y, solver, representation, on_failure, site):
 
 
 def _custom_solve(matvec, rhs, solver, representation, on_failure, site):
-    def presolve_and_solve(direction):
-        def run(linear_fn, b):
+    """`lax.custom_linear_solve` whose solve and transpose solve each presolve once.
+
+    Both directions build the operator of `A` from `matvec` through the representation
+    (one assembly per linearisation point) and the VJP direction transposes it; the
+    `vecmat` that JAX offers to `transpose_solve` is not needed.
+    """
+
+    def presolve_and_solve(transpose):
+        direction = "VJP (Aᵀ u = v)" if transpose else "JVP (A ẏ = −B ẋ)"
+
+        def run(_, b):
             b_struct = structure(b)
-            operator = representation.operator(linear_fn, b_struct)
+            operator = representation.operator(matvec, b_struct)
             if isinstance(solver, LeastSquares):
                 operator = lx.TaggedLinearOperator(
                     operator, (lx.symmetric_tag, lx.positive_semidefinite_tag)
                 )
-            state = solver.presolve(operator, b_struct)
-            x = solver.solve(state, b)
+            if transpose:
+                operator = operator.transpose()
+            state = solve_log.presolve(solver, operator, b_struct, direction)
+            x = solve_log.solve(solver, state, operator, b, direction)
             solved = all_finite(x)
             x = nan_unless(solved, x)  # all NaN, even if a solver NaNs only a part
             failed = ~solved & all_finite(b)  # NaN in, NaN out is not a failure
             message = (
                 f"implicitdiff: {type(solver).__name__} did not solve the {direction} "
-                f"linear system (singular or ill-conditioned ∂c/∂y, or no convergence); "
-                f"the derivative is NaN."
+                f"linear system (singular or ill-conditioned ∂c/∂y, or no "
+                f"convergence); the derivative is NaN."
             )
             return apply_policy(x, failed, on_failure, message, site)
 
@@ -254,8 +266,8 @@ def _custom_solve(matvec, rhs, solver, representation, on_failure, site):
     return lax.custom_linear_solve(
         matvec,
         rhs,
-        solve=presolve_and_solve("JVP (A ẏ = −B ẋ)"),
-        transpose_solve=presolve_and_solve("VJP (Aᵀ u = v)"),
+        solve=presolve_and_solve(transpose=False),
+        transpose_solve=presolve_and_solve(transpose=True),
     )
 
 

@@ -21,13 +21,15 @@ class AbstractRepresentation(eqx.Module):
     def operator(
         self, linear_fn: Callable, in_structure: PyTree[jax.ShapeDtypeStruct]
     ) -> lx.AbstractLinearOperator:
-        """Builds the operator of the linear function `linear_fn`.
+        """Builds the operator `A = ∂c/∂y` from its product `v ↦ A v`.
+
+        Called once per linearisation point and direction in use; for VJPs the
+        implicit function transposes the result with `.transpose()`.
 
         **Arguments:**
 
-        - `linear_fn`: a linear function of a pytree with structure `in_structure`:
-            `v ↦ A v` for JVPs, `u ↦ Aᵀ u` for VJPs.
-        - `in_structure`: a pytree of `jax.ShapeDtypeStruct`.
+        - `linear_fn`: the linear function `v ↦ A v` (a JVP of the conditions).
+        - `in_structure`: the structure of `v`, a pytree of `jax.ShapeDtypeStruct`.
 
         **Returns:**
 
@@ -37,7 +39,7 @@ class AbstractRepresentation(eqx.Module):
 
 class OperatorRepresentation(AbstractRepresentation):
     """Matrix-free: the solver receives a `lineax.FunctionLinearOperator` whose `mv` is
-    a JVP (or VJP) of the conditions. `representation="operator"` (the default) is this.
+    a JVP of the conditions (a VJP for the transpose). `representation="operator"` (the default) is this.
 
     Cheapest when the solver only needs products (`GMRES`, `CG`, ...); a solver that
     needs the matrix (`Direct`) materialises it itself.
@@ -49,7 +51,7 @@ class OperatorRepresentation(AbstractRepresentation):
 
 class MatrixRepresentation(AbstractRepresentation):
     """Dense: the Jacobian is materialised once per linearisation point (one batched
-    JVP per column, or VJP per row for the transpose) and handed over as a
+    JVP per column) and handed over as a
     `lineax.PyTreeLinearOperator`. `representation="matrix"` is this.
     """
 
