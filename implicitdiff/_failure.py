@@ -10,7 +10,6 @@ import jax
 from jax import lax
 from jaxtyping import Array, Bool, PyTree
 
-
 OnFailure = Literal["nan", "warn", "raise"]
 ON_FAILURE_CHOICES = ("nan", "warn", "raise")
 
@@ -30,7 +29,7 @@ class CallSite(NamedTuple):
         frame = sys._getframe(1)
         while frame is not None:
             module = frame.f_globals.get("__name__", "")
-            if not module.split(".")[0] in _LIBRARY_PREFIXES:
+            if module.split(".")[0] not in _LIBRARY_PREFIXES:
                 return cls(frame.f_code.co_filename, frame.f_lineno, module)
             frame = frame.f_back
         return cls("<unknown>", 0, "__main__")

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 from jax import lax
+from jax._src import core as jax_core
 from jaxtyping import PyTree
 
 from . import _solve_log as solve_log
@@ -82,6 +83,7 @@ class ImplicitFunction(eqx.Module):
     )
     has_byproduct: bool = eqx.field(default=False, static=True)
     on_failure: OnFailure = eqx.field(default="warn", static=True)
+    check_conditions: float | None = eqx.field(default=None, static=True)
 
     def __check_init__(self):
         for name in ("forward", "conditions"):
@@ -100,6 +102,11 @@ class ImplicitFunction(eqx.Module):
             raise ValueError(
                 f"ImplicitFunction: `on_failure` must be one of {ON_FAILURE_CHOICES}, "
                 f"got {self.on_failure!r}."
+            )
+        if self.check_conditions is not None and not self.check_conditions > 0:
+            raise ValueError(
+                "ImplicitFunction: `check_conditions` must be a positive tolerance or "
+                f"None, got {self.check_conditions!r}."
             )
         if not isinstance(self.has_byproduct, bool):
             raise TypeError(
@@ -121,11 +128,12 @@ class ImplicitFunction(eqx.Module):
         `y`, or `(y, z)` when `has_byproduct=True`.
         """
         site = CallSite.of_caller()
-        inputs = (self.conditions, x, args)
+        forward, conditions = self._hoist_closed_over_tracers(x, args)
+        inputs = (conditions, x, args)
         arrays, static_inputs = eqx.partition(inputs, eqx.is_array)
         diff, nondiff = eqx.partition(arrays, is_inexact_array)
         held, static_self = eqx.partition(
-            (self.forward, self.linear_solver, self.representation), eqx.is_array
+            (forward, self.linear_solver, self.representation), eqx.is_array
         )
         output_static = []  # filled by the primal: the forward's non-array outputs
 
@@ -138,7 +146,10 @@ class ImplicitFunction(eqx.Module):
         def implicit(diff, nondiff, held):
             conditions, x, args, forward, _, _ = unpack(diff, nondiff, held)
             y, z = self._split_output(forward(x, *args))
+            y = jax.tree.map(jnp.asarray, y)
             self._check_conditions_output(conditions, x, y, z, args)
+            if self.check_conditions is not None:
+                y = self._verify_solution(conditions, x, y, z, args, site)
             out_arrays, out_static = eqx.partition((y, z), eqx.is_array)
             output_static[:] = [out_static]
             return out_arrays
@@ -168,6 +179,33 @@ class ImplicitFunction(eqx.Module):
         y, z = eqx.combine(out_arrays, output_static[0])
         return (y, z) if self.has_byproduct else y
 
+    def _hoist_closed_over_tracers(self, x, args):
+        """Makes the tracers that `forward` and `conditions` close over explicit.
+
+        A closure over a value being differentiated would otherwise leak a tracer into
+        the custom rule. Closure conversion turns those values into array leaves of the
+        functions: the conditions' floating ones are then differentiated like `x`, the
+        forward's get zero derivative (`y` depends on them only through `c`). Only
+        under a transformation, and only when a tracer is actually closed over: the
+        user's functions are otherwise called as they are.
+        """
+        forward, conditions = self.forward, self.conditions
+        if jax_core.trace_state_clean():
+            return forward, conditions
+        try:
+            converted = eqx.filter_closure_convert(forward, x, *args)
+        except Exception:
+            # JAX cannot trace this forward (NumPy, SciPy): it can close over no tracer.
+            return forward, conditions
+        if _closes_over_tracers(converted):
+            forward = converted
+        y, z = self._split_output(eqx.filter_eval_shape(converted, x, *args))
+        extra = (z,) if self.has_byproduct else ()
+        converted = eqx.filter_closure_convert(conditions, x, y, *extra, *args)
+        if _closes_over_tracers(converted):
+            conditions = converted
+        return forward, conditions
+
     def _split_output(self, output):
         if not self.has_byproduct:
             y, z = output, None
@@ -179,19 +217,31 @@ class ImplicitFunction(eqx.Module):
                 f"tuple (y, z); it returned {type(output).__name__}."
             )
         leaves = jax.tree.leaves(y)
-        if not leaves or not all(
-            is_inexact_array(jnp.asarray(leaf)) for leaf in leaves
-        ):
+        if not leaves or not all(_is_inexact(leaf) for leaf in leaves):
             raise TypeError(
                 "ImplicitFunction: `forward` must return y as a non-empty pytree of "
                 f"floating-point arrays; got {structure_or_repr(y)}."
             )
-        return jax.tree.map(jnp.asarray, y), z
+        return y, z
 
     def _conditions(self, conditions, x, y, z, args):
         if self.has_byproduct:
             return conditions(x, y, z, *args)
         return conditions(x, y, *args)
+
+    def _verify_solution(self, conditions, x, y, z, args, site):
+        """Applies `on_failure` when ‖c(x, y)‖ > tol·(1 + ‖y‖): a forward that stopped
+        early must not yield derivatives that look fine."""
+        residual = _norm(self._conditions(conditions, x, y, z, args))
+        failed = ~(residual <= self.check_conditions * (1 + _norm(y)))
+        message = (
+            f"implicitdiff: the output of the forward {_name(self.forward)} does not "
+            f"satisfy the conditions: ‖c(x, y)‖ > {self.check_conditions:g}·(1 + ‖y‖); "
+            f"y and its derivatives are NaN."
+        )
+        return apply_policy(
+            nan_unless(~failed, y), failed, self.on_failure, message, site
+        )
 
     def _check_conditions_output(self, conditions, x, y, z, args):
         """Raises at trace time when c cannot pair with y."""
@@ -205,7 +255,9 @@ class ImplicitFunction(eqx.Module):
         else:
             same = jax.tree.structure(c_struct) == jax.tree.structure(y_struct) and all(
                 a.shape == b.shape and a.dtype == b.dtype
-                for a, b in zip(jax.tree.leaves(c_struct), jax.tree.leaves(y_struct))
+                for a, b in zip(
+                    jax.tree.leaves(c_struct), jax.tree.leaves(y_struct), strict=True
+                )
             )
         if not same:
             raise ValueError(
@@ -271,6 +323,23 @@ def _custom_solve(matvec, rhs, solver, representation, on_failure, site):
     )
 
 
+def _is_inexact(leaf) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+
+
+def _closes_over_tracers(converted) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(converted))
+
+
+def _norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.abs(leaf) ** 2) for leaf in jax.tree.leaves(tree)))
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
 def _zero_tangent(leaf):
     if jnp.issubdtype(leaf.dtype, jnp.inexact):
         return jnp.zeros_like(leaf)
@@ -282,3 +351,33 @@ def structure_or_repr(tree):
         return structure(tree)
     except Exception:
         return repr(tree)
+
+
+ImplicitFunction.__init__.__doc__ = """**Arguments:**
+
+- `forward`: `forward(x, *args) -> y`, or `-> (y, z)` when `has_byproduct=True`. Any
+    code: a Newton loop, an optax training run, a `lax.while_loop` with an early exit,
+    SciPy on the host (eagerly, or under `jit` through [`implicitdiff.host`][]). It is
+    never differentiated. `y` is a pytree of floating-point arrays.
+- `conditions`: `conditions(x, y, *args) -> c`, or `conditions(x, y, z, *args) -> c`
+    with a byproduct, written in JAX, with `c = 0` at the forward's output. `c` has
+    the structure, shapes and dtypes of `y` (a square system), except with
+    [`implicitdiff.LeastSquares`][], where it may have more elements. An
+    `equinox.Module` works too: its floating-point arrays are differentiated.
+- `linear_solver`: an [`implicitdiff.AbstractLinearSolver`][]. Default
+    [`implicitdiff.Auto`][]: dense LU up to 1024 unknowns, GMRES above.
+- `representation`: how `A = ∂c/∂y` reaches the solver: `"operator"` (matrix-free,
+    the default), `"matrix"` (dense, materialised once per linearisation point), or an
+    [`implicitdiff.AbstractRepresentation`][] such as [`implicitdiff.Sparse`][].
+- `has_byproduct`: whether `forward` returns `(y, z)`; `z` is passed to the
+    conditions and returned, with zero derivative.
+- `on_failure`: what a failed linear solve does. Its derivative is always all-NaN;
+    `"nan"` says nothing more, `"warn"` (default) also emits a `RuntimeWarning` naming
+    the solver, once per call site (under `jit` too), `"raise"` raises an error (under
+    `jit` too, through `equinox.error_if`). Costs one branch on a flag when nothing
+    fails.
+- `check_conditions`: a tolerance, or `None` (default: no check). When set, the
+    forward's output is checked: if `‖c(x, y)‖ > tol·(1 + ‖y‖)` (2-norms over all
+    leaves) the forward did not solve the conditions, `y` becomes NaN and `on_failure`
+    applies. Costs one evaluation of the conditions per call.
+"""

@@ -24,7 +24,10 @@ def unravel(flat: Array, like: PyTree[jax.ShapeDtypeStruct]) -> PyTree[Array]:
     pieces = jnp.split(flat, np.cumsum(sizes)[:-1]) if leaves else []
     return jax.tree.unflatten(
         treedef,
-        [p.reshape(leaf.shape).astype(leaf.dtype) for p, leaf in zip(pieces, leaves)],
+        [
+            p.reshape(leaf.shape).astype(leaf.dtype)
+            for p, leaf in zip(pieces, leaves, strict=True)
+        ],
     )
 
 

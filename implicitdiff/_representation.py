@@ -39,7 +39,8 @@ class AbstractRepresentation(eqx.Module):
 
 class OperatorRepresentation(AbstractRepresentation):
     """Matrix-free: the solver receives a `lineax.FunctionLinearOperator` whose `mv` is
-    a JVP of the conditions (a VJP for the transpose). `representation="operator"` (the default) is this.
+    a JVP of the conditions (a VJP for the transpose). `representation="operator"`
+    (the default) is this.
 
     Cheapest when the solver only needs products (`GMRES`, `CG`, ...); a solver that
     needs the matrix (`Direct`) materialises it itself.

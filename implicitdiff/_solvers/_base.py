@@ -4,10 +4,9 @@ import abc
 from typing import Any
 
 import equinox as eqx
+import jax
 import lineax as lx
 from jaxtyping import PyTree
-
-import jax
 
 SolverState = Any
 
@@ -39,8 +38,8 @@ class AbstractLinearSolver(eqx.Module):
         A Jacobi iteration in a few lines:
 
         ```python
-        import equinox as eqx
         import jax
+        import jax.flatten_util
         import jax.numpy as jnp
         import implicitdiff as idf
 
@@ -57,7 +56,8 @@ class AbstractLinearSolver(eqx.Module):
                 x = jnp.zeros_like(b_flat)
                 for _ in range(self.steps):
                     x = x + (b_flat - matrix @ x) / diagonal
-                converged = jnp.linalg.norm(b_flat - matrix @ x) <= 1e-8 * jnp.linalg.norm(b_flat)
+                residual = jnp.linalg.norm(b_flat - matrix @ x)
+                converged = residual <= 1e-8 * jnp.linalg.norm(b_flat)
                 return unflatten(jnp.where(converged, x, jnp.nan))
         ```
     """

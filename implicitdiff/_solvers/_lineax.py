@@ -29,7 +29,8 @@ class Lineax(AbstractLinearSolver):
     def __check_init__(self):
         if not isinstance(self.solver, lx.AbstractLinearSolver):
             raise TypeError(
-                f"Lineax(solver) needs a lineax.AbstractLinearSolver, got {self.solver!r}."
+                "Lineax(solver) needs a lineax.AbstractLinearSolver, "
+                f"got {self.solver!r}."
             )
 
     def presolve(self, A, y):

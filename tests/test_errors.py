@@ -1,0 +1,73 @@
+"""Bad input gets a clear error at construction or trace time, naming the culprit."""
+
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import pytest
+
+import implicitdiff as idf
+
+sqrt_conditions = lambda x, y: y**2 - x
+
+
+def test_non_callable_forward_or_conditions():
+    with pytest.raises(TypeError, match="`forward` must be callable"):
+        idf.ImplicitFunction(3.0, sqrt_conditions)
+    with pytest.raises(TypeError, match="`conditions` must be callable"):
+        idf.ImplicitFunction(jnp.sqrt, None)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="on_failure"):
+        idf.ImplicitFunction(jnp.sqrt, sqrt_conditions, on_failure="ignore")
+    with pytest.raises(TypeError, match="linear_solver"):
+        idf.ImplicitFunction(jnp.sqrt, sqrt_conditions, linear_solver=lx.LU())
+    with pytest.raises(ValueError, match="representation"):
+        idf.ImplicitFunction(jnp.sqrt, sqrt_conditions, representation="dense")
+    with pytest.raises(ValueError, match="check_conditions"):
+        idf.ImplicitFunction(jnp.sqrt, sqrt_conditions, check_conditions=-1.0)
+    with pytest.raises(TypeError, match="has_byproduct"):
+        idf.ImplicitFunction(jnp.sqrt, sqrt_conditions, has_byproduct="yes")
+
+
+def test_conditions_with_the_wrong_shape():
+    f = idf.ImplicitFunction(jnp.sqrt, lambda x, y: jnp.sum(y**2 - x))
+    with pytest.raises(ValueError, match="same pytree structure, shapes and dtypes"):
+        f(jnp.ones(3))
+
+
+def test_conditions_with_the_wrong_structure():
+    f = idf.ImplicitFunction(
+        lambda x: {"a": jnp.sqrt(x)}, lambda x, y: (y["a"] ** 2 - x,)
+    )
+    with pytest.raises(ValueError, match="LeastSquares"):
+        jax.jit(f)(jnp.ones(3))
+
+
+def test_conditions_with_the_wrong_dtype():
+    f = idf.ImplicitFunction(jnp.sqrt, lambda x, y: (y**2 - x).astype(jnp.float32))
+    with pytest.raises(ValueError, match="dtypes"):
+        f(jnp.ones(3))
+
+
+def test_byproduct_forward_must_return_a_pair():
+    f = idf.ImplicitFunction(jnp.sqrt, sqrt_conditions, has_byproduct=True)
+    with pytest.raises(TypeError, match=r"must return a tuple \(y, z\)"):
+        f(jnp.ones(3))
+
+
+def test_integer_solution_is_rejected():
+    f = idf.ImplicitFunction(lambda x: x.astype(jnp.int32), sqrt_conditions)
+    with pytest.raises(TypeError, match="floating-point arrays"):
+        f(jnp.ones(3))
+
+
+def test_gradient_wrt_integer_only_x():
+    f = idf.ImplicitFunction(
+        lambda n: jnp.sqrt(n.astype(jnp.float64)),
+        lambda n, y: y**2 - n.astype(jnp.float64),
+    )
+    n = jnp.arange(1, 4)
+    assert f(n).shape == (3,)
+    with pytest.raises(TypeError, match="int"):
+        jax.grad(lambda n: jnp.sum(f(n)))(n)
