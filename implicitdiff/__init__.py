@@ -2,17 +2,30 @@
 
 import importlib.metadata
 
+from ._host import host as host
 from ._implicit_function import ImplicitFunction as ImplicitFunction
+from ._linear_solve import linear_solve as linear_solve
 from ._representation import (
     AbstractRepresentation as AbstractRepresentation,
     MatrixRepresentation as MatrixRepresentation,
     OperatorRepresentation as OperatorRepresentation,
 )
+from ._solve_log import SolveLog as SolveLog, SolveLogEntry as SolveLogEntry
+from ._solvers._amg import AMG as AMG
 from ._solvers._auto import Auto as Auto
 from ._solvers._base import AbstractLinearSolver as AbstractLinearSolver
+from ._solvers._bicgstab import BiCGStab as BiCGStab
+from ._solvers._cg import CG as CG
 from ._solvers._direct import Direct as Direct
 from ._solvers._gmres import GMRES as GMRES
+from ._solvers._jacobi import Jacobi as Jacobi
 from ._solvers._least_squares import LeastSquares as LeastSquares
 from ._solvers._lineax import Lineax as Lineax
+from ._solvers._scipy import SciPy as SciPy
+from ._sparse._operator import (
+    SparseLinearOperator as SparseLinearOperator,
+    SparsityPattern as SparsityPattern,
+)
+from ._sparse._representation import Sparse as Sparse
 
 __version__ = importlib.metadata.version("implicitdiff")

@@ -275,30 +275,52 @@ def _linear_solve(A, rhs, y, solver, representation, on_failure, site):
         # applies and the transpose (a VJP) is the minimum-norm solve of Aᵀu = v.
         At = jax.linear_transpose(A, y)
         normal = lambda v: At(A(v))[0]  # noqa: E731
-        return _custom_solve(
-            normal, At(rhs)[0], solver, representation, on_failure, site
+        return solve_with_presolve(
+            normal,
+            At(rhs)[0],
+            lambda b_struct: lx.TaggedLinearOperator(
+                representation.operator(normal, b_struct),
+                (lx.symmetric_tag, lx.positive_semidefinite_tag),
+            ),
+            solver,
+            on_failure,
+            site,
         )
-    return _custom_solve(A, rhs, solver, representation, on_failure, site)
+    return solve_with_presolve(
+        A,
+        rhs,
+        lambda b_struct: representation.operator(A, b_struct),
+        solver,
+        on_failure,
+        site,
+    )
 
 
-def _custom_solve(matvec, rhs, solver, representation, on_failure, site):
+def solve_with_presolve(
+    matvec, rhs, make_operator, solver, on_failure, site, system="∂c/∂y"
+):
     """`lax.custom_linear_solve` whose solve and transpose solve each presolve once.
 
-    Both directions build the operator of `A` from `matvec` through the representation
-    (one assembly per linearisation point) and the VJP direction transposes it; the
-    `vecmat` that JAX offers to `transpose_solve` is not needed.
+    Both directions build the operator of `A` with `make_operator(structure)` (one
+    assembly per linearisation point, only in the direction in use, unbatched under
+    `vmap` since it does not depend on the right-hand side) and the VJP direction
+    transposes it; the `vecmat` that JAX offers to `transpose_solve` is not needed.
+    Then the failure policy: a solution with any NaN is all NaN, and a failure from a
+    finite right-hand side warns or raises as `on_failure` says.
     """
 
     def presolve_and_solve(transpose):
-        direction = "VJP (Aᵀ u = v)" if transpose else "JVP (A ẏ = −B ẋ)"
+        direction = "VJP (Aᵀ u = v)" if transpose else "JVP (A x = b)"
+        message = (
+            f"implicitdiff: {type(solver).__name__} did not solve the {direction} "
+            f"linear system with A = {system} (singular or ill-conditioned, no "
+            f"convergence, or a sparsity pattern missing entries); the derivative "
+            f"is NaN."
+        )
 
         def run(_, b):
             b_struct = structure(b)
-            operator = representation.operator(matvec, b_struct)
-            if isinstance(solver, LeastSquares):
-                operator = lx.TaggedLinearOperator(
-                    operator, (lx.symmetric_tag, lx.positive_semidefinite_tag)
-                )
+            operator = make_operator(b_struct)
             if transpose:
                 operator = operator.transpose()
             state = solve_log.presolve(solver, operator, b_struct, direction)
@@ -306,11 +328,6 @@ def _custom_solve(matvec, rhs, solver, representation, on_failure, site):
             solved = all_finite(x)
             x = nan_unless(solved, x)  # all NaN, even if a solver NaNs only a part
             failed = ~solved & all_finite(b)  # NaN in, NaN out is not a failure
-            message = (
-                f"implicitdiff: {type(solver).__name__} did not solve the {direction} "
-                f"linear system (singular or ill-conditioned ∂c/∂y, or no "
-                f"convergence); the derivative is NaN."
-            )
             return apply_policy(x, failed, on_failure, message, site)
 
         return run

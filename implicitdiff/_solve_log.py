@@ -1,19 +1,441 @@
-"""Hooks through which every linear solve of the implicit rule runs.
+"""Hooks through which every linear solve runs, and `SolveLog`, which records them.
 
-Placeholder pass-throughs: `SolveLog` (recording solves, also under jit) plugs in here.
+The core calls `presolve` and `solve` below for every linear solve, and iterative
+solvers call `note_iterations` from inside their `solve`. Outside a `SolveLog` the
+hooks are plain pass-throughs: they add nothing to the traced program, so the default
+path pays for no host callback at all.
+
+Inside a `SolveLog` they add host callbacks to the traced program:
+
+- four clock readings (`jax.pure_callback`): when the operator is ready, when the
+  presolve is done, when the solve starts, when it is done. Each takes the first
+  element of every array it waits for and hands back a zero that those arrays are
+  then made to depend on: real data dependencies, which is what orders callbacks
+  against the work they time under `jit` (XLA removes `lax.optimization_barrier`s
+  and folds products by zero, so neither can do it);
+- one record (`jax.pure_callback`) whose zero the solution depends on, so that it
+  runs before anything downstream of the solution, notably before an
+  `on_failure="raise"` check aborts the program;
+- one no-op `jax.debug.callback`, whose only job is to give the program an effect, so
+  that `jax.effects_barrier()` (called when the log is read or exited) waits for it.
+
+Under `vmap` (and so under `jacfwd`/`jacrev`) what reaches the callbacks is reduced
+over the batch first (`equinox.internal.unvmap_*`), so one batched solve is one entry,
+never one per right-hand side, and an unbatched presolve stays unbatched. The
+callbacks receive at most one number per system: nothing the size of the state is
+gathered from sharded arrays.
 """
+
+import dataclasses
+import functools
+import threading
+import time
+from collections.abc import Iterator
+from typing import Literal
+
+import equinox as eqx
+import equinox.internal as eqxi
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+from jax.custom_batching import custom_vmap
+from jaxtyping import Array, ArrayLike, Int, PyTree
+
+from ._misc import all_finite, ravel, size
+
+# Part of every jit cache key (and of JAX's inner tracing caches): a function traced
+# with no log active has no callbacks in its program, so entering a log must give a
+# cache miss and a fresh trace. `jax.make_user_context` (public since JAX 0.7.2) is
+# made for this; the alternative, documenting that functions must be traced inside
+# the log, would silently record nothing for the common `jit` outside / call inside.
+# A bool, not the log itself: every log shares one trace, and the callbacks look the
+# active logs up when they run. Created at import, never inside a trace, so that it is
+# part of every key from the start.
+_LOGGING = jax.make_user_context(False)
+
+_active_logs: list["SolveLog"] = []  # read by the callbacks, from XLA's threads
+_active_lock = threading.Lock()
+_tracing = threading.local()  # the step counts noted while a `solve` is traced
+
+# Ticks are microseconds modulo 2³¹: an int32 is exact with or without x64, and
+# differences modulo 2³¹ are right for any solve shorter than 35 minutes.
+_TICK_MODULUS = 2**31
+
+Status = Literal["converged", "not converged", "singular", "non-finite input"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SolveLogEntry:
+    """One linear solve recorded by a [`implicitdiff.SolveLog`][].
+
+    A solve batched by `vmap` (as in `jax.jacfwd` and `jax.jacrev`, one right-hand side
+    per column or row) is one entry: `batch` says how many systems it solved, and
+    `iterations`, `residual` and `status` report the worst of them.
+
+    **Fields:**
+
+    - `solver`: the solver's name, such as `"Direct"` or `"Lineax(GMRES)"`.
+    - `direction`: `"JVP"` (the system `A ẏ = −B ẋ`) or `"VJP"` (`Aᵀ u = v`).
+    - `size`: the number of unknowns of one system.
+    - `dtype`: the dtype of the right-hand side.
+    - `batch`: the number of systems solved together with one presolve.
+    - `iterations`: the largest step count the solver reported through
+        `note_iterations`; `None` for a solver that reports none (direct solvers).
+    - `residual`: the largest relative residual `‖b − A x‖ / ‖b‖` (`‖b − A x‖` when
+        `b = 0`), computed with one extra product by `A`; NaN when the solution is NaN.
+    - `status`: `"converged"` when every solution is finite; `"non-finite input"` when
+        a right-hand side is not finite (NaN in, NaN out is no solver failure);
+        otherwise a solution is NaN from finite input, and the status is
+        `"not converged"` for a solver that reported iterations and `"singular"` for
+        one that did not (a direct solver that found the matrix singular, or not
+        finite).
+    - `presolve_time`, `solve_time`: wall-clock seconds of the presolve and of the
+        solve, as measured on the host between data-dependent callbacks. A presolve is
+        timed in every entry that shares it.
+    """
+
+    solver: str
+    direction: str
+    size: int
+    dtype: str
+    batch: int
+    iterations: int | None
+    residual: float
+    status: Status
+    presolve_time: float
+    solve_time: float
+
+
+class SolveLog:
+    """Records every linear solve of an [`implicitdiff.ImplicitFunction`][] that runs
+    inside it, under `jit`, `vmap` and every derivative, through host callbacks.
+
+    Each solve becomes a [`implicitdiff.SolveLogEntry`][]: solver, direction (JVP or
+    VJP), system size, iterations, final relative residual, status and the presolve
+    and solve wall times. `print(log)` shows them as a table; `log.entries` is the
+    list itself.
+
+    **Cost.** Outside a log the implicit rule traces no callback at all. Inside one,
+    every solve runs six host callbacks (on a few numbers: nothing the size of the
+    state is gathered from sharded arrays) and one extra product by `A` (for the
+    residual): fine for diagnosis, not for a hot loop.
+
+    **Functions traced before the log was entered.** A log takes part in JAX's jit
+    cache key (through `jax.make_user_context`): the first call of a jitted function
+    inside a log traces and compiles it again, with the callbacks, and later calls
+    inside any log reuse that version (no retrace per log); outside a log the original
+    version, without callbacks, runs. So `jax.jit`, `equinox.filter_jit` and friends
+    need nothing special. The exception is a program compiled ahead of time
+    (`jax.jit(f).lower(...).compile()`): what was compiled runs as it was, so compile
+    it inside the log to record its solves.
+
+    **When entries appear.** The callbacks run while the program executes, which under
+    JAX's asynchronous dispatch may be after the call returns. Reading `log.entries`
+    (or printing the log) and leaving the `with` block wait for them
+    (`jax.effects_barrier()`). Nested logs each record every solve. The callbacks run
+    on the first device, so in a multi-process run the entries appear in the process
+    that owns it.
+
+    !!! Example
+
+        ```python
+        import jax
+        import jax.numpy as jnp
+        import implicitdiff as idf
+
+        sqrt = idf.ImplicitFunction(lambda x: jnp.sqrt(x), lambda x, y: y**2 - x)
+        with idf.SolveLog() as log:
+            jax.jit(jax.grad(lambda x: sqrt(x).sum()))(jnp.array([4.0, 9.0]))
+        print(log)  # one VJP solve, converged, with its residual and times
+        ```
+    """
+
+    # Not an `equinox.Module`: a mutable recorder that lives on the host, never a
+    # pytree that JAX traces.
+    def __init__(self):
+        self._entries: list[SolveLogEntry] = []
+        self._context = None
+
+    def __enter__(self) -> "SolveLog":
+        if self._context is not None:
+            raise RuntimeError("SolveLog: this log is already active.")
+        self._context = _LOGGING(True)
+        self._context.__enter__()
+        with _active_lock:
+            _active_logs.append(self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            jax.effects_barrier()
+        finally:
+            with _active_lock:
+                _active_logs.remove(self)
+            self._context.__exit__(*exc_info)
+            self._context = None
+
+    @property
+    def entries(self) -> list[SolveLogEntry]:
+        """The recorded solves, oldest first (a copy)."""
+        if self._context is not None:
+            jax.effects_barrier()
+        return list(self._entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator[SolveLogEntry]:
+        return iter(self.entries)
+
+    def __getitem__(self, index: int) -> SolveLogEntry:
+        return self.entries[index]
+
+    def __str__(self) -> str:
+        return _table(self.entries)
+
+    def __repr__(self) -> str:
+        return f"SolveLog({len(self)} entries)"
+
+
+SolveLog.__init__.__doc__ = """**Arguments:** none. Use it as a context manager."""
 
 
 def presolve(solver, operator, y_structure, direction):
-    """Runs `solver.presolve`; records it when a `SolveLog` is active."""
-    return solver.presolve(operator, y_structure)
+    """Runs `solver.presolve`; records its time when a `SolveLog` is active."""
+    if not _LOGGING.value:
+        return solver.presolve(operator, y_structure)
+    operator, start = _tick_after(operator)
+    state = solver.presolve(operator, y_structure)
+    state, end = _tick_after(state)
+    return _TimedState(state, start, end)
 
 
 def solve(solver, state, operator, b, direction):
-    """Runs `solver.solve`; records it when a `SolveLog` is active."""
-    return solver.solve(state, b)
+    """Runs `solver.solve`; records the solve when a `SolveLog` is active."""
+    if not isinstance(state, _TimedState):
+        return solver.solve(state, b)
+    (inner, b), start = _tick_after((state.state, b))
+    notes = []
+    _notes_stack().append(notes)
+    try:
+        x = solver.solve(inner, b)
+    finally:
+        _notes_stack().pop()
+    x, end = _tick_after(x)
+    batch = _systems(_probe(x))
+    info = (_solver_name(solver), direction.split()[0], size(b), _dtype_name(b))
+    done = _record_when_run(
+        info, (state.start, state.end, start, end), batch, notes, operator, x, b
+    )
+    return _after(x, done)
 
 
-def note_iterations(num_steps):
-    """Called by iterative solvers inside `solve` with their (traced) step count."""
-    return None
+def _record_when_run(info, ticks, batch, notes, operator, x, b):
+    """Stages the callback that appends this solve's entry to the active logs, with
+    everything reduced over the `vmap` axes; returns its (opaque, zero) result."""
+    b_finite = all_finite(b)
+    done = jax.pure_callback(
+        functools.partial(_record, info, bool(notes)),
+        jax.ShapeDtypeStruct((), jnp.int32),
+        ticks,
+        batch,
+        eqxi.unvmap_max(notes[-1]) if notes else -1,
+        eqxi.unvmap_max(_relative_residual(operator, x, b)),
+        eqxi.unvmap_any(~b_finite),
+        eqxi.unvmap_any(b_finite & ~all_finite(x)),
+    )
+    jax.debug.callback(_completed, done)
+    return done
+
+
+def note_iterations(num_steps: Int[ArrayLike, ""]) -> None:
+    """Called by iterative solvers inside `solve` with their (traced) step count.
+
+    **Arguments:**
+
+    - `num_steps`: an integer array (a tracer), the number of iterations the solve
+        took, computed in the scope of `solve` itself (after the loop, not inside its
+        body).
+
+    **Returns:**
+
+    Nothing. Outside a [`implicitdiff.SolveLog`][] it does nothing; inside one, the
+    entry of this solve reports it (the last one noted, when several are).
+    """
+    stack = _notes_stack()
+    if stack:
+        stack[-1].append(jnp.asarray(num_steps))
+
+
+class _TimedState(eqx.Module):
+    """The solver's state with the presolve's start and end ticks."""
+
+    state: PyTree
+    start: Array
+    end: Array
+
+
+def _notes_stack() -> list[list]:
+    if not hasattr(_tracing, "stack"):
+        _tracing.stack = []
+    return _tracing.stack
+
+
+def _tick_after(tree):
+    """Reads the clock on the host once `tree` is computed, and returns `tree` again,
+    now computed only after the clock was read (so that what follows is timed from
+    there), with the clock reading.
+
+    XLA drops `optimization_barrier`s and folds products by zero, so the dependencies
+    are real ones: the callback takes the first element of every leaf (reduced over
+    the `vmap` axes, so that an unbatched operator or presolve state stays unbatched
+    and one batched solve reads the clock once), and returns a zero that XLA cannot
+    see through, subtracted from the first element of every leaf.
+    """
+    # JAX arrays only: NumPy leaves are trace-time constants, with nothing to wait for,
+    # and a host solver may need them concrete.
+    arrays, static = eqx.partition(tree, lambda leaf: isinstance(leaf, jax.Array))
+    probe = eqxi.unvmap_max(_probe(arrays))
+    tick, zero = jax.pure_callback(_read_clock, (_INT32, _INT32), probe)
+    return eqx.combine(_after(arrays, zero), static), tick
+
+
+@custom_vmap
+def _systems(token):
+    """The number of systems solved together: the product of the `vmap` axes along
+    which `token` is batched (1 without `vmap`), known when tracing."""
+    return jnp.ones((), jnp.int32)
+
+
+@_systems.def_vmap
+def _systems_vmap(axis_size, in_batched, token):
+    (batched,) = in_batched
+    return _systems(token[0] if batched else token) * axis_size, False
+
+
+_INT32 = jax.ShapeDtypeStruct((), jnp.int32)
+
+
+def _probe(arrays):
+    """A scalar that needs the first element of every leaf of `arrays`."""
+    firsts = [
+        jnp.real(leaf[_origin(leaf)]).astype(jnp.float32)
+        for leaf in jax.tree.leaves(arrays)
+        if leaf.size
+    ]
+    return sum(firsts, jnp.zeros((), jnp.float32))
+
+
+def _after(arrays, zero):
+    """`arrays`, made to depend on `zero` (the opaque result of a callback, always 0):
+    `zero` is subtracted from the first element of every leaf, which changes nothing
+    (`v − 0 = v`, for `v = −0` and NaN too) and costs a one-element update."""
+
+    def depend(leaf):
+        if not leaf.size or leaf.dtype == jnp.bool_:
+            return leaf
+        origin = _origin(leaf)
+        return leaf.at[origin].set(leaf[origin] - zero.astype(leaf.dtype))
+
+    return jax.tree.map(depend, arrays)
+
+
+def _origin(leaf) -> tuple[int, ...]:
+    """The index of the first element; no reshape, which could reshard."""
+    return (0,) * leaf.ndim
+
+
+def _read_clock(probe):
+    now = (time.perf_counter_ns() // 1000) % _TICK_MODULUS
+    return np.int32(now), np.zeros((), np.int32)
+
+
+def _relative_residual(operator, x, b):
+    b_flat = ravel(b)
+    r_norm = jnp.linalg.norm(b_flat - ravel(operator.mv(x)).astype(b_flat.dtype))
+    b_norm = jnp.linalg.norm(b_flat)
+    return jnp.where(b_norm > 0, r_norm / jnp.where(b_norm > 0, b_norm, 1), r_norm)
+
+
+def _record(info, iterative, ticks, batch, iterations, residual, bad_input, failed):
+    solver, direction, n, dtype = info
+    pre_start, pre_end, start, end = (int(t) for t in ticks)
+    if failed:
+        status = "not converged" if iterative else "singular"
+    else:
+        status = "non-finite input" if bad_input else "converged"
+    entry = SolveLogEntry(
+        solver=solver,
+        direction=direction,
+        size=n,
+        dtype=dtype,
+        batch=int(batch),
+        iterations=int(iterations) if iterative else None,
+        residual=float(residual),
+        status=status,
+        presolve_time=((pre_end - pre_start) % _TICK_MODULUS) * 1e-6,
+        solve_time=((end - start) % _TICK_MODULUS) * 1e-6,
+    )
+    with _active_lock:
+        for log in _active_logs:
+            log._entries.append(entry)
+    return np.zeros((), np.int32)
+
+
+def _completed(done):
+    """Does nothing: being an effect makes `jax.effects_barrier()` wait for it."""
+
+
+def _solver_name(solver) -> str:
+    """`Lineax(GMRES)` (the wrapped solver), `SciPy(splu)` (the method), `Direct`."""
+    inner = getattr(solver, "solver", None)
+    method = getattr(solver, "method", None)
+    if isinstance(inner, lx.AbstractLinearSolver):
+        return f"{type(solver).__name__}({type(inner).__name__})"
+    if isinstance(method, str):
+        return f"{type(solver).__name__}({method})"
+    return type(solver).__name__
+
+
+def _dtype_name(tree) -> str:
+    return str(jnp.result_type(*jax.tree.leaves(tree)))
+
+
+_COLUMNS = (
+    ("#", 3),
+    ("solver", 16),
+    ("dir", 3),
+    ("size", 6),
+    ("batch", 5),
+    ("iters", 5),
+    ("residual", 9),
+    ("status", 16),
+    ("presolve", 10),
+    ("solve", 10),
+)
+
+
+def _table(entries: list[SolveLogEntry]) -> str:
+    def row(cells):
+        return "  ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, _COLUMNS, strict=True))
+
+    lines = [row([name for name, _ in _COLUMNS])]
+    for i, e in enumerate(entries):
+        lines.append(
+            row(
+                [
+                    i,
+                    e.solver,
+                    e.direction,
+                    e.size,
+                    e.batch,
+                    "n/a" if e.iterations is None else e.iterations,
+                    f"{e.residual:.2e}",
+                    e.status,
+                    f"{e.presolve_time * 1e3:.3f} ms",
+                    f"{e.solve_time * 1e3:.3f} ms",
+                ]
+            )
+        )
+    return "\n".join(lines) if entries else "SolveLog: no solves recorded."

@@ -1,0 +1,233 @@
+"""Overhead on small problems: the jitted gradient of a scalar and of a 10-dimensional
+problem, against the same forward followed by its hand-written analytic derivative.
+
+Problems (float64):
+
+- `sqrt scalar`: y = √x by 30 Newton steps, condition y² − x = 0; dy/dx = 1/(2y).
+- `sqrt 10-dim`: the same elementwise on 10 numbers; gradient of Σ y.
+- `ridge 10-dim`: w(λ) = argmin ½‖X w − t‖²/m + ½λ‖w‖² (10 features, m = 20, solved
+  by 30 conjugate-gradient steps), condition ∇f = 0; gradient of the validation
+  loss ½‖X_v w − t_v‖² with respect to λ, by hand −gᵀ H⁻¹ w with H = XᵀX/m + λI
+  (one dense solve).
+
+Every method runs the same forward. implicitdiff runs with its defaults (linear
+solver `Auto` → `Direct`, `on_failure="warn"`); jaxopt's `custom_root` with its
+default `solve_normal_cg`; optimistix `root_find` with its default `ImplicitAdjoint()`.
+Diagnostic rows: the forward alone, and implicitdiff with `on_failure="nan"` (no
+failure check) to show what the default policy costs. Ratios are against the
+hand-written derivative, times interleaved in the same run.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import implicitdiff as idf
+
+from . import _common as C
+from ._peers import MISSING, jaxopt, optx, optx_root
+
+SUITE = "overhead_small"
+HAND = "hand-written derivative"
+DEFAULT = "implicitdiff (defaults)"
+NEWTON_STEPS = 30
+CG_STEPS = 30
+
+
+def sqrt_forward(x):
+    step = lambda _, y: 0.5 * (y + x / y)  # noqa: E731
+    return lax.fori_loop(0, NEWTON_STEPS, step, jnp.ones_like(x))
+
+
+def sqrt_conditions(x, y):
+    return y**2 - x
+
+
+def sqrt_hand(x):
+    return 1 / (2 * sqrt_forward(x))
+
+
+def ridge_forward(lam, data):
+    """Conjugate gradients on the normal equations, a fixed number of steps (more
+    than the 10 unknowns need). Not a LAPACK solve: under `vmap` jaxlib 0.10.2's
+    batched LAPACK kernels can deadlock when two run at once (see README)."""
+    x, t, _, _ = data
+    m, d = x.shape
+    h = x.T @ x / m + lam * jnp.eye(d)
+
+    def step(_, state):
+        w, r, p, rr = state
+        hp = h @ p
+        alpha = rr / jnp.maximum(p @ hp, jnp.finfo(p.dtype).tiny)
+        w, r = w + alpha * p, r - alpha * hp
+        rr_new = r @ r
+        return w, r, r + (rr_new / jnp.maximum(rr, jnp.finfo(p.dtype).tiny)) * p, rr_new
+
+    b = x.T @ t / m
+    w0 = jnp.zeros_like(b)
+    return lax.fori_loop(0, CG_STEPS, step, (w0, b, b, b @ b))[0]
+
+
+def ridge_conditions(lam, w, data):
+    x, t, _, _ = data
+    return x.T @ (x @ w - t) / x.shape[0] + lam * w
+
+
+def ridge_validation(w, data):
+    _, _, xv, tv = data
+    return 0.5 * jnp.sum((xv @ w - tv) ** 2)
+
+
+def ridge_hand(lam, data):
+    x, _, xv, tv = data
+    w = ridge_forward(lam, data)
+    m, d = x.shape
+    dw = -jnp.linalg.solve(x.T @ x / m + lam * jnp.eye(d), w)
+    return (xv.T @ (xv @ w - tv)) @ dw
+
+
+def ridge_data(seed: int = 0, features: int = 10, samples: int = 20):
+    rng = np.random.default_rng(seed)
+    x, xv = rng.standard_normal((2, samples, features))
+    w_true = rng.standard_normal(features)
+    t = x @ w_true + 0.1 * rng.standard_normal(samples)
+    tv = xv @ w_true + 0.1 * rng.standard_normal(samples)
+    return tuple(jnp.asarray(a) for a in (x, t, xv, tv))
+
+
+def ridge_exact(lam, data):
+    """The hand-written formula in NumPy float64."""
+    x, t, xv, tv = (np.asarray(a, np.float64) for a in data)
+    m, d = x.shape
+    h = x.T @ x / m + float(lam) * np.eye(d)
+    w = np.linalg.solve(h, x.T @ t / m)
+    return float((xv.T @ (xv @ w - tv)) @ -np.linalg.solve(h, w))
+
+
+class Problem:
+    """A forward, its conditions, an outer loss of y and the hand-written gradient."""
+
+    def __init__(self, name, forward, conditions, outer, hand, inputs, exact):
+        self.name = name
+        self.forward = forward
+        self.conditions = conditions
+        self.outer = outer
+        self.hand = hand
+        self.inputs = inputs  # (θ, *args): the gradient is with respect to θ
+        self.exact = exact
+
+    def grad_of(self, solve):
+        return jax.grad(lambda theta, *args: self.outer(solve(theta, *args), *args))
+
+    def methods(self) -> dict:
+        found = {
+            HAND: self.hand,
+            DEFAULT: self.grad_of(idf.ImplicitFunction(self.forward, self.conditions)),
+            "implicitdiff on_failure='nan' (diagnostic)": self.grad_of(
+                idf.ImplicitFunction(self.forward, self.conditions, on_failure="nan")
+            ),
+        }
+        if jaxopt is not None:
+            optimality = lambda y, theta, *args: self.conditions(theta, y, *args)  # noqa: E731
+            root = jaxopt.implicit_diff.custom_root(optimality)(
+                lambda init, theta, *args: self.forward(theta, *args)
+            )
+            found["jaxopt custom_root (default solve_normal_cg)"] = self.grad_of(
+                lambda theta, *args: root(self.y_like(theta, *args), theta, *args)
+            )
+        if optx is not None:
+            found["optimistix root_find ImplicitAdjoint() (default)"] = self.grad_of(
+                lambda theta, *args: optx_root(
+                    lambda y, a: self.conditions(a[0], y, *a[1:]),
+                    lambda a: self.forward(*a),
+                    self.y_like(theta, *args),
+                    (theta, *args),
+                )
+            )
+        found["forward only (diagnostic)"] = self.forward
+        return found
+
+    def y_like(self, theta, *args):
+        struct = jax.eval_shape(self.forward, theta, *args)
+        return jnp.zeros(struct.shape, struct.dtype)
+
+
+def problems() -> list[Problem]:
+    x10 = jnp.linspace(0.5, 5.0, 10)
+    data = ridge_data()
+    lam = jnp.asarray(0.3)
+    return [
+        Problem(
+            "sqrt scalar",
+            sqrt_forward,
+            sqrt_conditions,
+            lambda y: y,
+            sqrt_hand,
+            (jnp.asarray(2.0),),
+            1 / (2 * np.sqrt(2.0)),
+        ),
+        Problem(
+            "sqrt 10-dim",
+            sqrt_forward,
+            sqrt_conditions,
+            jnp.sum,
+            sqrt_hand,
+            (x10,),
+            1 / (2 * np.sqrt(np.asarray(x10))),
+        ),
+        Problem(
+            "ridge 10-dim",
+            ridge_forward,
+            ridge_conditions,
+            ridge_validation,
+            ridge_hand,
+            (lam, data),
+            ridge_exact(lam, data),
+        ),
+    ]
+
+
+def run(quick: bool) -> list[dict]:
+    repeats = 3 if quick else 15
+    for name, why in MISSING.items():
+        print(f"  [{SUITE}] skipping {name}: {why}")
+    rows = []
+    for problem in problems():
+        exact = problem.exact
+        timings = C.measure_all(problem.methods(), *problem.inputs, repeats=repeats)
+        hand = timings[HAND]
+        for name, timing in timings.items():
+            forward_only = name.startswith("forward only")
+            compile_ratio = C.ratio(timing.compile_s, hand.compile_s)
+            rows.append(
+                C.timed_row(
+                    SUITE,
+                    problem.name,
+                    name,
+                    timing,
+                    None if forward_only else lambda out: C.rel_error(out, exact),
+                    ratio=C.ratio(timing.time_s, hand.time_s),
+                    compile_ratio=compile_ratio,
+                    note=f"compile {compile_ratio or 0:.1f}x hand's",
+                )
+            )
+    return rows
+
+
+def goals(rows: list[dict]) -> list[dict]:
+    return [
+        C.goal(
+            "implicitdiff (defaults) within 1.5x of the hand-written derivative",
+            r.get("ratio") is not None and r["ratio"] <= 1.5,
+            f"{r['case']}: {C.fmt_ratio(r.get('ratio'))} "
+            f"({C.fmt_time(r.get('time_s'))}), compile "
+            f"{C.fmt_ratio(r.get('compile_ratio'))} the hand-written one's",
+        )
+        for r in rows
+        if r["method"] == DEFAULT
+    ]
+
+
+def plot(rows: list[dict], path) -> None:
+    C.plot_bars(rows, path, title="Small problems: jitted gradient time per call")

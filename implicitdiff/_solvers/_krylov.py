@@ -1,0 +1,228 @@
+"""What the Krylov solvers share: defaults, validation, the flattened operator and
+preconditioner, the restart loop and the true-residual acceptance check.
+
+Each solver ([`implicitdiff.CG`][], [`implicitdiff.GMRES`][],
+[`implicitdiff.BiCGStab`][]) only writes one *cycle*: iterate from a given `x` and its
+true residual until its own residual estimate is below the tolerance, it breaks down,
+or it runs out of steps. The loop here restarts cycles from the true residual
+`b − A x` until that residual passes, so a residual estimate that drifted from the
+truth (rounding, a breakdown) costs a restart, never a wrong answer.
+"""
+
+import abc
+import numbers
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Bool, Float, Int, PyTree
+
+from .. import _solve_log as solve_log
+from .._misc import nan_unless, ravel, size, unravel
+from ._base import AbstractLinearSolver
+
+# Relative tolerance by the width of the floating-point type, about ε^(2/3): tight
+# enough for derivatives, loose enough to be reached by a problem with a condition
+# number of ~10⁵ (float64) or ~10² (float32), whose attainable residual is ~ε·κ·‖b‖.
+_DEFAULT_RTOL = {64: 1e-10, 32: 1e-5, 16: 1e-2}
+
+# Without convergence a solve costs max_steps iterations: 10·n allows for rounding
+# on small problems, the cap keeps a hopeless large one from running for hours.
+MAX_STEPS_PER_UNKNOWN = 10
+MAX_STEPS_CAP = 10_000
+
+DEFAULTS_DOC = """`rtol=None` means `1e-10` in float64, `1e-5` in float32 (`1e-2` in
+16-bit floats; in a pytree of mixed precisions, that of the least precise leaf).
+`atol=None` means `0`: a positive `atol` accepts `x = 0` for every right-hand side with
+`‖b‖ ≤ atol`, which for the arbitrary scale of a tangent or cotangent would be a
+silently wrong derivative. `max_steps=None` means `min(10·n, 10 000)` for `n`
+unknowns."""
+
+FlatFn = Callable[[Float[Array, " n"]], Float[Array, " n"]]
+
+
+def default_rtol(A: lx.AbstractLinearOperator) -> float:
+    """The relative tolerance used when `rtol=None`: that of the least precise leaf of
+    A's structures, which bounds the attainable residual of a mixed-precision pytree."""
+    leaves = jax.tree.leaves((A.in_structure(), A.out_structure()))
+    return max(_DEFAULT_RTOL[jnp.finfo(leaf.dtype).bits] for leaf in leaves)
+
+
+def default_max_steps(n: int) -> int:
+    """The step limit used when `max_steps=None`, for `n` unknowns."""
+    return max(1, min(MAX_STEPS_PER_UNKNOWN * n, MAX_STEPS_CAP))
+
+
+def check_tolerances(name: str, rtol, atol, max_steps) -> None:
+    """Raises a clear error for a tolerance or step limit that cannot be meant."""
+    for label, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, numbers.Real)
+        ):
+            raise TypeError(
+                f"{name}: `{label}` must be a float or None, got {value!r}."
+            )
+    if rtol is not None and not 0 <= rtol < 1:
+        raise ValueError(
+            f"{name}: `rtol` must be in [0, 1), got {rtol!r} (with rtol ≥ 1, x = 0 "
+            "would pass the convergence check)."
+        )
+    if atol is not None and not atol >= 0:
+        raise ValueError(f"{name}: `atol` must be ≥ 0, got {atol!r}.")
+    if rtol == 0 and (atol is None or atol == 0):
+        raise ValueError(f"{name}: `rtol` and `atol` cannot both be zero.")
+    check_positive_int(name, "max_steps", max_steps, allow_none=True)
+
+
+def check_positive_int(name: str, label: str, value, allow_none: bool) -> None:
+    """Raises unless `value` is an integer ≥ 1 (or None when allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: `{label}` must be an int, got {value!r}.")
+    if value < 1:
+        raise ValueError(f"{name}: `{label}` must be ≥ 1, got {value!r}.")
+
+
+def flat_dtype(A: lx.AbstractLinearOperator):
+    """The dtype of the flattened iteration: that of every leaf of A's structures."""
+    leaves = jax.tree.leaves((A.in_structure(), A.out_structure()))
+    dtype = jnp.result_type(*(leaf.dtype for leaf in leaves))
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"The Krylov solvers support real floating-point systems only, got {dtype}."
+        )
+    return dtype
+
+
+def flat_operator(A: lx.AbstractLinearOperator, dtype) -> FlatFn:
+    """`v ↦ A v` on flat vectors."""
+    in_structure = A.in_structure()
+    return lambda v: ravel(A.mv(unravel(v, in_structure))).astype(dtype)
+
+
+def flat_preconditioner(
+    preconditioner: AbstractLinearSolver | None, state, A, dtype
+) -> FlatFn:
+    """`v ↦ M⁻¹ v` on flat vectors: the identity without a preconditioner."""
+    if preconditioner is None:
+        return lambda v: v
+    out_structure = A.out_structure()
+    return lambda v: ravel(
+        preconditioner.solve(state, unravel(v, out_structure))
+    ).astype(dtype)
+
+
+def safe_divide(numerator: Array, denominator: Array, ok: Bool[Array, ""]) -> Array:
+    """`numerator / denominator` where `ok`, else 0, without an inf or NaN on either
+    branch (a NaN on the discarded branch would still poison gradients and tests)."""
+    return jnp.where(ok, numerator / jnp.where(ok, denominator, 1), 0)
+
+
+def keep_unless(broke: Bool[Array, ""], new: PyTree[Array], old: PyTree[Array]):
+    """`old` where the step `broke` down (so that it changes nothing), else `new`."""
+    return jax.tree.map(lambda n, o: jnp.where(broke, o, n), new, old)
+
+
+class AbstractKrylovSolver(AbstractLinearSolver):
+    """A matrix-free iterative solver with the shared restart loop and acceptance check.
+
+    Subclasses implement `_cycle`. `presolve` sets up the preconditioner on `A`;
+    `solve` runs cycles from `x = 0`, each from the true residual of the previous one,
+    and accepts `x` only if `‖b − A x‖₂ ≤ atol + rtol·‖b‖₂` with that product computed
+    explicitly; otherwise (no convergence within `max_steps`, a breakdown, a non-finite
+    value) the solution is all NaN. A zero right-hand side gives zeros.
+    """
+
+    rtol: eqx.AbstractVar[float | None]
+    atol: eqx.AbstractVar[float | None]
+    max_steps: eqx.AbstractVar[int | None]
+    preconditioner: eqx.AbstractVar[AbstractLinearSolver | None]
+
+    def __check_init__(self):
+        name = type(self).__name__
+        check_tolerances(name, self.rtol, self.atol, self.max_steps)
+        if self.preconditioner is not None and not isinstance(
+            self.preconditioner, AbstractLinearSolver
+        ):
+            raise TypeError(
+                f"{name}: `preconditioner` must be None or an "
+                "implicitdiff.AbstractLinearSolver whose solve approximates A⁻¹ (such "
+                f"as implicitdiff.Jacobi()), got {self.preconditioner!r}."
+            )
+
+    @abc.abstractmethod
+    def _cycle(
+        self,
+        matvec: FlatFn,
+        precondition: FlatFn,
+        x: Float[Array, " n"],
+        r: Float[Array, " n"],
+        tol: Float[Array, ""],
+        steps_left: Int[Array, ""],
+    ) -> tuple[Float[Array, " n"], Int[Array, ""]]:
+        """Iterates from `x`, whose true residual is `r` (with `‖r‖ > tol`), for at
+        most `steps_left` steps; stops early when the method's residual estimate is
+        at most `tol` or it breaks down. Returns the new `x` and the number of steps
+        that changed it: 0 means restarting cannot help (a breakdown at once).
+        """
+
+    def presolve(self, A, y):
+        if size(A.in_structure()) != size(A.out_structure()):
+            raise ValueError(
+                f"{type(self).__name__} needs a square operator; got "
+                f"{size(A.out_structure())} equations for {size(A.in_structure())} "
+                "unknowns. Use implicitdiff.LeastSquares for more conditions than "
+                "unknowns."
+            )
+        flat_dtype(A)  # fails early, at trace time, on an unsupported dtype
+        if self.preconditioner is None:
+            return A, None
+        return A, self.preconditioner.presolve(A, y)
+
+    def solve(self, state, b):
+        A, preconditioner_state = state
+        dtype = flat_dtype(A)
+        x = self._solve_flat(
+            default_rtol(A) if self.rtol is None else self.rtol,
+            flat_operator(A, dtype),
+            flat_preconditioner(self.preconditioner, preconditioner_state, A, dtype),
+            ravel(b).astype(dtype),
+        )
+        return unravel(x, A.in_structure())
+
+    def _solve_flat(
+        self,
+        rtol: float,
+        matvec: FlatFn,
+        precondition: FlatFn,
+        b: Float[Array, " n"],
+    ) -> Float[Array, " n"]:
+        atol = 0.0 if self.atol is None else self.atol
+        max_steps = (
+            default_max_steps(b.size) if self.max_steps is None else self.max_steps
+        )
+        tol = atol + rtol * jnp.linalg.norm(b)
+
+        # `r_norm > tol` is False for a NaN or inf norm (and for a non-finite b, whose
+        # tol is NaN or inf): the loop stops and the check below rejects.
+        def unfinished(carry):
+            _, _, r_norm, steps, stuck = carry
+            return (r_norm > tol) & (steps < max_steps) & ~stuck
+
+        def restart(carry):
+            x, r, _, steps, _ = carry
+            x, taken = self._cycle(matvec, precondition, x, r, tol, max_steps - steps)
+            r = b - matvec(x)
+            return x, r, jnp.linalg.norm(r), steps + taken, taken == 0
+
+        zero_steps = jnp.zeros((), np.int32)
+        init = (jnp.zeros_like(b), b, jnp.linalg.norm(b), zero_steps, jnp.array(False))
+        x, _, r_norm, steps, _ = lax.while_loop(unfinished, restart, init)
+        solve_log.note_iterations(steps)
+        converged = jnp.isfinite(r_norm) & (r_norm <= tol) & jnp.all(jnp.isfinite(x))
+        return nan_unless(converged, x)

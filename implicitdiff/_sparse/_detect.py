@@ -1,0 +1,536 @@
+"""Sparsity detection: the nonzero pattern of a linear map, read off its jaxpr.
+
+Every variable of the jaxpr gets a boolean matrix (SciPy CSR, one row per element in
+C order, one column per input element) saying which inputs each element depends on.
+Elementwise primitives take unions (sums of these matrices); primitives that move
+elements around (slices, pads, gathers, ...) select rows; reductions and products
+with a constant combine rows (`G @ deps` with a boolean matrix `G`). Index sets are
+thus never enumerated in Python, and a 5-point stencil on a 1024² grid takes well
+under a second per primitive.
+
+Structural primitives are not re-implemented: each is evaluated on integer arrays
+whose entries are the element ids of its operands, and the ids that come out say
+where every output element comes from. What it needs besides (gather indices, slice
+starts) must be a constant: see `_concrete_value`.
+"""
+
+import functools as ft
+import warnings
+from collections.abc import Callable
+
+import jax
+import numpy as np
+import scipy.sparse as sp
+from jax import lax
+from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+from jaxtyping import PyTree
+
+from ._operator import SparsityPattern
+
+Deps = sp.csr_array | None  # None: depends on no input (a constant)
+
+
+class _NotConstant(Exception):
+    """A value a rule needs (gather indices, ...) is not known at trace time."""
+
+
+def detect_sparsity(
+    linear_fn: Callable, in_structure: PyTree[jax.ShapeDtypeStruct]
+) -> SparsityPattern:
+    """The pattern of the matrix of `linear_fn`, rows and columns in `ravel` order.
+
+    **Arguments:**
+
+    - `linear_fn`: a linear function of a pytree shaped like `in_structure`.
+    - `in_structure`: a pytree of `jax.ShapeDtypeStruct`.
+
+    **Returns:**
+
+    A [`implicitdiff.SparsityPattern`][] that contains the true pattern: exactly it
+    when every primitive has a rule (see [`implicitdiff.Sparse`][]), more (every
+    output element of the primitive depending on every one of its inputs) otherwise,
+    with a warning naming the primitive.
+    """
+    closed = jax.make_jaxpr(linear_fn)(in_structure)
+    sizes = [int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(in_structure)]
+    n_in = sum(sizes)
+    starts = np.cumsum([0] + sizes[:-1])
+    in_deps = [
+        _identity_rows(start, n, n_in) for start, n in zip(starts, sizes, strict=True)
+    ]
+    fallbacks = set()
+    out_deps = _propagate(closed.jaxpr, closed.consts, in_deps, {}, fallbacks)
+    if fallbacks:
+        warnings.warn(
+            "implicitdiff.Sparse('auto'): no exact sparsity rule for "
+            f"{', '.join(sorted(fallbacks))}; every output element of it is taken to "
+            "depend on every one of its inputs, so the pattern (and the number of "
+            "colours) may be larger than needed. Pass the pattern explicitly to "
+            "avoid this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    avals = [a.aval for a in closed.jaxpr.outvars]
+    matrix = sp.vstack(
+        [
+            _empty(int(np.prod(aval.shape)), n_in) if d is None else d
+            for d, aval in zip(out_deps, avals, strict=True)
+        ],
+        format="csr",
+    )
+    matrix.sort_indices()
+    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    return SparsityPattern(rows, matrix.indices, matrix.shape)
+
+
+def _propagate(jaxpr: Jaxpr, consts, in_deps, in_sources, fallbacks) -> list[Deps]:
+    """Runs the rules through `jaxpr`; `in_sources` give invars' constant values."""
+    sources = {
+        var: ft.partial(_concrete_value, const)
+        for var, const in zip(jaxpr.constvars, consts, strict=True)
+    }
+    scope = _Scope(jaxpr, {**sources, **in_sources})
+    deps = dict(zip(jaxpr.invars, in_deps, strict=True))
+
+    def read(atom):
+        return None if isinstance(atom, Literal) else deps.get(atom)
+
+    for eqn in jaxpr.eqns:
+        ins = [read(atom) for atom in eqn.invars]
+        if all(d is None for d in ins) or not eqn.outvars:
+            continue
+        deps.update(zip(eqn.outvars, _apply(eqn, ins, scope, fallbacks), strict=True))
+    return [read(atom) for atom in jaxpr.outvars]
+
+
+def _apply(eqn, ins, scope, fallbacks) -> list[Deps]:
+    name = eqn.primitive.name
+    try:
+        if name in _CALLS:
+            return _call(eqn, ins, scope, fallbacks)
+        if name in _RULES:
+            return _RULES[name](eqn, ins, scope)
+    except Exception:  # a value that is not constant, or a case no rule covers
+        pass
+    fallbacks.add(name)
+    return _conservative(eqn, ins)
+
+
+class _Scope:
+    """The constant values of a jaxpr's variables, computed on demand."""
+
+    def __init__(self, jaxpr: Jaxpr, sources: dict):
+        self.eqns = jaxpr.eqns
+        self.sources = sources
+        self.values = {}
+
+    def value(self, atom) -> np.ndarray:
+        if isinstance(atom, Literal):
+            return np.asarray(atom.val)
+        if atom not in self.values:
+            self.values[atom] = _fold(atom, self.eqns, self._source)
+        if self.values[atom] is None:
+            raise _NotConstant
+        return self.values[atom]
+
+    def _source(self, var):
+        get = self.sources.get(var)
+        return None if get is None else get()
+
+
+def _fold(var, eqns, source) -> np.ndarray | None:
+    """Evaluates `var` from `eqns` if it depends only on sources with known values."""
+    needed, chain = {var}, []
+    for eqn in reversed(eqns):
+        if needed.intersection(eqn.outvars):
+            if eqn.effects:
+                return None
+            chain.append(eqn)
+            needed.difference_update(eqn.outvars)
+            needed.update(a for a in eqn.invars if not isinstance(a, Literal))
+    env = {}
+    for v in needed:
+        env[v] = source(v)
+        if env[v] is None:
+            return None
+    for eqn in reversed(chain):
+        args = [a.val if isinstance(a, Literal) else env[a] for a in eqn.invars]
+        env.update(zip(eqn.outvars, _evaluate(eqn, args), strict=True))
+    return np.asarray(env[var])
+
+
+def _concrete_value(x) -> np.ndarray | None:
+    """The value of a constant of the jaxpr, or None if it is not known.
+
+    Under `jit` (or inside `custom_linear_solve`) the constants of the linearised
+    conditions are tracers of the enclosing trace, even an index array that came from
+    NumPy: its conversion was staged out. The enclosing trace still holds how it was
+    computed, so it is folded here from the trace's own constants. This reads JAX
+    internals (`DynamicJaxprTracer._trace.frame`); any failure means "not known",
+    and the rule that needed the value falls back to a conservative pattern.
+    """
+    if not isinstance(x, jax.core.Tracer):
+        return np.asarray(x)
+    try:
+        if getattr(x, "batch_dim", 0) is None:  # unbatched under vmap
+            return _concrete_value(x.val)
+        if hasattr(x, "primal"):
+            # Under differentiation only integer values are safe to read: a float
+            # constant's zeros could carry a nonzero tangent.
+            is_int = not np.issubdtype(np.dtype(x.dtype), np.inexact)
+            return _concrete_value(x.primal) if is_int else None
+        frame = x._trace.frame
+        const = x.get_const()
+        if const is not None:
+            return _concrete_value(const)
+
+        def source(var):
+            const = frame.constvar_to_val.get(var)
+            return None if const is None else _concrete_value(const)
+
+        return _fold(x.val, frame.get_eqns(), source)
+    except Exception:
+        return None
+
+
+def _evaluate(eqn, args, **param_updates) -> list:
+    """Runs one equation on concrete arguments, even while tracing."""
+    params = eqn.primitive.get_bind_params({**eqn.params, **param_updates})
+    # Older JAX returns (subfuns, params), newer JAX only params.
+    subfuns, params = params if isinstance(params, tuple) else ((), params)
+    with jax.ensure_compile_time_eval():
+        out = eqn.primitive.bind(*subfuns, *args, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+# Matrices of index sets ------------------------------------------------------------
+
+
+def _empty(n_rows: int, n_in: int) -> sp.csr_array:
+    return sp.csr_array((n_rows, n_in), dtype=bool)
+
+
+def _identity_rows(start: int, n_rows: int, n_in: int) -> sp.csr_array:
+    return sp.csr_array(
+        (
+            np.ones(n_rows, bool),
+            np.arange(start, start + n_rows),
+            np.arange(n_rows + 1),
+        ),
+        shape=(n_rows, n_in),
+    )
+
+
+def _union(a: Deps, b: Deps) -> Deps:
+    if a is None or b is None:
+        return b if a is None else a
+    return a + b
+
+
+def _combine(deps: sp.csr_array, out_rows, in_rows, n_out: int) -> sp.csr_array:
+    """Row `i` of the result is the union of the rows `in_rows[out_rows == i]`."""
+    out_rows, in_rows = np.ravel(out_rows), np.ravel(in_rows)
+    mixing = sp.csr_array(
+        (np.ones(out_rows.size, bool), (out_rows, in_rows)),
+        shape=(n_out, deps.shape[0]),
+    )
+    return mixing @ deps
+
+
+def _select(deps: sp.csr_array, src) -> sp.csr_array:
+    """Row `k` of the result is row `src[k]` of `deps`, or empty where `src[k] < 0`."""
+    src = np.ravel(src)
+    out = np.flatnonzero(src >= 0)
+    return _combine(deps, out, src[out], src.size)
+
+
+def _stack(ins, avals) -> sp.csr_array:
+    n_in = next(d for d in ins if d is not None).shape[1]
+    return sp.vstack(
+        [
+            _empty(_size(a), n_in) if d is None else d
+            for d, a in zip(ins, avals, strict=True)
+        ],
+        format="csr",
+    )
+
+
+def _size(aval) -> int:
+    return int(np.prod(aval.shape))
+
+
+def _ids(start: int, shape, total: int | None = None) -> np.ndarray:
+    """Consecutive element ids from `start`, in the smallest integer dtype JAX takes."""
+    n = int(np.prod(shape))
+    dtype = np.int32 if (total or n) + start < 2**31 - 1 else np.int64
+    return np.arange(start, start + n, dtype=dtype).reshape(shape)
+
+
+def _avals(atoms):
+    return [a.aval for a in atoms]
+
+
+# Rules --------------------------------------------------------------------------
+
+
+def _conservative(eqn, ins) -> list[Deps]:
+    """Every output element depends on every input element of every operand."""
+    every = None
+    for d in ins:
+        if d is not None:
+            row = sp.csr_array(np.reshape(d.sum(axis=0), (1, -1)) > 0)
+            every = _union(every, row)
+    return [_select(every, np.zeros(_size(v.aval), np.int64)) for v in eqn.outvars]
+
+
+def _elementwise(eqn, ins, scope) -> list[Deps]:
+    shape = eqn.outvars[0].aval.shape
+    result = None
+    for d, atom in zip(ins, eqn.invars, strict=True):
+        if d is not None and atom.aval.shape != shape:  # broadcast (size-1 axes)
+            own = np.arange(d.shape[0]).reshape(atom.aval.shape)
+            d = _select(d, np.broadcast_to(own, shape))
+        result = _union(result, d)
+    return [result] * len(eqn.outvars)
+
+
+def _same(eqn, ins, scope) -> list[Deps]:
+    """Primitives that keep the elements in place (a reshape, a dtype change)."""
+    return [ins[0]]
+
+
+def _moves(*copied: int, numpy: Callable | None = None) -> Callable:
+    """A rule for a primitive whose outputs are copies of elements of the operands at
+    positions `copied` (all when none are given) or of nothing; its other operands
+    must be constants.
+
+    The primitive runs on element ids (1-based, 0 for "nothing"), so its own
+    semantics (strides, negative padding, clamped starts, out-of-bound modes) decide;
+    `numpy(eqn, *args)`, when given, does the same in NumPy, without compiling.
+    """
+
+    def rule(eqn, ins, scope):
+        avals = _avals(eqn.invars)
+        moved = [i for i in copied if i < len(avals)] or list(range(len(avals)))
+        sizes = [_size(avals[i]) for i in moved]
+        starts = np.cumsum([1] + sizes[:-1])
+        args = [None] * len(avals)
+        for i, start in zip(moved, starts, strict=True):
+            args[i] = _ids(start, avals[i].shape, total=sum(sizes))
+        for i, atom in enumerate(eqn.invars):
+            if args[i] is None:
+                args[i] = scope.value(atom)
+        updates = {}
+        if eqn.params.get("mode") == lax.GatherScatterMode.FILL_OR_DROP:
+            updates["fill_value"] = 0
+        ids = [numpy(eqn, *args)] if numpy else _evaluate(eqn, args, **updates)
+        stacked = _stack([ins[i] for i in moved], [avals[i] for i in moved])
+        return [_select(stacked, np.asarray(out) - 1) for out in ids]
+
+    return rule
+
+
+def _np_slice(eqn, x):
+    strides = eqn.params["strides"] or (1,) * x.ndim
+    starts, limits = eqn.params["start_indices"], eqn.params["limit_indices"]
+    return x[tuple(map(slice, starts, limits, strides))]
+
+
+def _np_broadcast_in_dim(eqn, x):
+    shape, dims = eqn.params["shape"], eqn.params["broadcast_dimensions"]
+    kept = [x.shape[dims.index(d)] if d in dims else 1 for d in range(len(shape))]
+    return np.broadcast_to(x.reshape(kept), shape)
+
+
+def _select_n(eqn, ins, scope) -> list[Deps]:
+    try:
+        scope.value(eqn.invars[0])
+    except _NotConstant:  # the predicate is only known at run time: any case
+        return _elementwise(eqn, ins, scope)
+    return _moves(*range(1, len(ins)))(eqn, ins, scope)
+
+
+def _scatter(eqn, ins, scope) -> list[Deps]:
+    """`operand.at[indices].add(updates)` and friends: each output element depends on
+    the operand's element there and on the updates scattered to it.
+
+    (For `.set`, the overwritten operand elements are kept: conservative.)
+    """
+    operand, indices, updates = eqn.invars[:3]
+    dnums = eqn.params["dimension_numbers"]
+    shape = operand.aval.shape
+    window = iter(dnums.update_window_dims)
+    slice_sizes = [
+        1
+        if d in dnums.inserted_window_dims or d in dnums.operand_batching_dims
+        else updates.aval.shape[next(window)]
+        for d in range(len(shape))
+    ]
+    # The transpose of scattering is gathering: it sends every update to its target.
+    gather_dnums = lax.GatherDimensionNumbers(
+        offset_dims=dnums.update_window_dims,
+        collapsed_slice_dims=dnums.inserted_window_dims,
+        start_index_map=dnums.scatter_dims_to_operand_dims,
+        operand_batching_dims=dnums.operand_batching_dims,
+        start_indices_batching_dims=dnums.scatter_indices_batching_dims,
+    )
+    ids = _ids(1, shape)
+    with jax.ensure_compile_time_eval():
+        target = lax.gather(
+            ids,
+            scope.value(indices),
+            gather_dnums,
+            tuple(slice_sizes),
+            mode=eqn.params["mode"],
+            fill_value=0,
+        )
+    result = ins[0]
+    if ins[2] is not None:
+        target = np.ravel(np.asarray(target)) - 1
+        hit = np.flatnonzero(target >= 0)
+        result = _union(result, _combine(ins[2], target[hit], hit, ids.size))
+    return [result]
+
+
+def _reduce(eqn, ins, scope) -> list[Deps]:
+    shape = eqn.invars[0].aval.shape
+    axes = eqn.params["axes"]
+    kept = tuple(1 if d in axes else n for d, n in enumerate(shape))
+    out_of = np.broadcast_to(np.arange(int(np.prod(kept))).reshape(kept), shape)
+    return [_combine(ins[0], out_of, np.arange(out_of.size), int(np.prod(kept)))]
+
+
+def _cumulative(eqn, ins, scope) -> list[Deps]:
+    shape = eqn.invars[0].aval.shape
+    axis = eqn.params["axis"]
+    ids = np.moveaxis(np.arange(int(np.prod(shape))).reshape(shape), axis, -1)
+    ids = ids.reshape(-1, shape[axis])
+    later, earlier = np.tril_indices(shape[axis])
+    if eqn.params["reverse"]:
+        later, earlier = earlier, later
+    return [_combine(ins[0], ids[:, later], ids[:, earlier], ids.size)]
+
+
+def _dot_general(eqn, ins, scope) -> list[Deps]:
+    """Each output element mixes the elements of one operand that meet a structural
+    nonzero of the other (all of them when the other is not a known constant)."""
+    (contract, batch) = eqn.params["dimension_numbers"]
+    n_out = _size(eqn.outvars[0].aval)
+    result = None
+    for side in (0, 1):
+        if ins[side] is None:
+            continue
+        other = eqn.invars[1 - side]
+        try:
+            if ins[1 - side] is not None:
+                raise _NotConstant
+            nonzero = scope.value(other) != 0
+        except _NotConstant:
+            nonzero = np.ones(other.aval.shape, bool)
+        pairs = _dot_pairs(eqn.invars[side].aval.shape, nonzero, contract, batch, side)
+        result = _union(result, _combine(ins[side], *pairs, n_out))
+    return [result]
+
+
+def _dot_pairs(shape, nonzero, contract, batch, side):
+    """(output element, element of operand `side`) pairs that a dot_general links."""
+    own_c, other_c = contract[side], contract[1 - side]
+    own_b, other_b = batch[side], batch[1 - side]
+    own_free = [d for d in range(len(shape)) if d not in own_c + own_b]
+    other_free = [d for d in range(nonzero.ndim) if d not in other_c + other_b]
+    ids = np.arange(int(np.prod(shape))).reshape(shape)
+    ids = ids.transpose(list(own_b) + own_free + list(own_c))
+    n_b, n_own, n_c = (
+        int(np.prod(ids.shape[: len(own_b)])),
+        int(np.prod([shape[d] for d in own_free])),
+        int(np.prod([shape[d] for d in own_c])),
+    )
+    ids = ids.reshape(n_b, n_own, n_c)
+    mask = nonzero.transpose(list(other_b) + list(other_c) + other_free)
+    mask = mask.reshape(n_b, n_c, -1)
+    n_other = mask.shape[2]
+    b, c, o = (i[:, None] for i in np.nonzero(mask))
+    t = np.arange(n_own)[None, :]
+    # Output order: batch, then lhs free, then rhs free.
+    out = (b * n_own + t) * n_other + o if side == 0 else (b * n_other + o) * n_own + t
+    return out, ids[b, t, c]
+
+
+def _call(eqn, ins, scope, fallbacks) -> list[Deps]:
+    inner = next(
+        eqn.params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in eqn.params
+    )
+    jaxpr, consts = (
+        (inner.jaxpr, inner.consts) if isinstance(inner, ClosedJaxpr) else (inner, ())
+    )
+    sources = {
+        var: ft.partial(_value_or_none, scope, atom)
+        for var, atom in zip(jaxpr.invars, eqn.invars, strict=True)
+    }
+    return _propagate(jaxpr, consts, ins, sources, fallbacks)
+
+
+def _value_or_none(scope, atom):
+    try:
+        return scope.value(atom)
+    except _NotConstant:
+        return None
+
+
+_CALLS = frozenset(
+    {
+        "jit",
+        "pjit",
+        "closed_call",
+        "core_call",
+        "remat",
+        "remat2",
+        "checkpoint",
+        "custom_jvp_call",
+        "custom_vjp_call",
+        "custom_vjp_call_jaxpr",
+    }
+)
+
+_ELEMENTWISE = (
+    "abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp "
+    "complex conj cos cosh div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag "
+    "integer_pow is_finite le log log1p logistic lt max min mul ne neg nextafter not "
+    "or pow real reduce_precision rem round rsqrt sign sin sinh sqrt square sub tan "
+    "tanh xor"
+).split()
+
+_RULES: dict[str, Callable] = {
+    **{name: _elementwise for name in _ELEMENTWISE},
+    "convert_element_type": _same,
+    "copy": _same,
+    "copy_p": _same,
+    "squeeze": _same,
+    "reshape": lambda eqn, ins, scope: (
+        _same(eqn, ins, scope)
+        if eqn.params.get("dimensions") is None
+        else _moves(0)(eqn, ins, scope)
+    ),
+    "broadcast_in_dim": _moves(0, numpy=_np_broadcast_in_dim),
+    "transpose": _moves(0, numpy=lambda eqn, x: x.transpose(eqn.params["permutation"])),
+    "rev": _moves(0, numpy=lambda eqn, x: np.flip(x, eqn.params["dimensions"])),
+    "slice": _moves(0, numpy=_np_slice),
+    "concatenate": _moves(
+        numpy=lambda eqn, *xs: np.concatenate(xs, eqn.params["dimension"])
+    ),
+    **{name: _moves(0) for name in ("split", "dynamic_slice", "gather")},
+    "pad": _moves(0, 1),
+    "dynamic_update_slice": _moves(0, 1),
+    "select_n": _select_n,
+    "scatter-add": _scatter,
+    "scatter_add": _scatter,
+    "scatter-sub": _scatter,
+    "scatter_sub": _scatter,
+    "scatter": _scatter,
+    **{name: _reduce for name in ("reduce_sum", "reduce_max", "reduce_min")},
+    **{
+        name: _cumulative
+        for name in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp")
+    },
+    "dot_general": _dot_general,
+}

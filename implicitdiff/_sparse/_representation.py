@@ -1,0 +1,162 @@
+"""The sparse representation: A = ∂c/∂y assembled by column colouring."""
+
+from collections.abc import Callable
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import PyTree
+
+from .._misc import nan_unless, ravel, size, unravel
+from .._representation import AbstractRepresentation
+from ._colouring import column_colouring
+from ._detect import detect_sparsity
+from ._operator import SparseLinearOperator, SparsityPattern
+
+
+def _as_sparsity(sparsity) -> SparsityPattern | Literal["auto"]:
+    if isinstance(sparsity, str):
+        if sparsity != "auto":
+            raise ValueError(
+                f"Sparse: `sparsity` must be 'auto' or a pattern, got {sparsity!r}."
+            )
+        return sparsity
+    try:
+        return SparsityPattern.of(sparsity)
+    except jax.errors.TracerArrayConversionError:
+        raise ValueError(
+            "Sparse: the sparsity pattern must be known when tracing (indices from "
+            "NumPy, not traced arrays): build it outside `jit`, or use 'auto'."
+        ) from None
+
+
+class Sparse(AbstractRepresentation):
+    """Sparse: `A = ∂c/∂y` is assembled into an [`implicitdiff.SparseLinearOperator`][]
+    with a handful of JVPs, however large it is.
+
+    Columns that share no row are grouped by a greedy distance-2 colouring (once per
+    pattern, then cached); one JVP per colour, batched with `jax.vmap`, gives all the
+    entries of the columns of that colour. A 2D 5-point stencil needs 7 JVPs, a 3D
+    7-point one 13. Solvers receive the operator and reach the matrix as `A.bcoo`,
+    `A.bcsr` or, on the host, `A.pattern.to_scipy(values)`.
+
+    **Sparsity detection.** With `sparsity="auto"`, the pattern is read off the jaxpr
+    of the linearised conditions, once per trace (once per compilation under `jit`):
+    each intermediate element carries the set of unknowns it depends on. It is exact
+    for elementwise arithmetic (with broadcasting; a product with a constant keeps the
+    set, even a constant zero), `convert_element_type`, `copy`, `reshape`, `squeeze`,
+    `broadcast_in_dim`, `transpose`, `rev`, `slice`, `split`, `pad`, `concatenate`,
+    `select_n`, `dynamic_slice`, `dynamic_update_slice`, `gather` and `scatter-add`
+    (`x[idx]`, `x.at[idx].add(...)`; `.at[].set` keeps the overwritten elements) with
+    constant indices, `dot_general` with a constant operand (its structural nonzeros,
+    or all of its entries when it is not a constant), `reduce_sum`/`max`/`min`,
+    `cumsum` and friends, and inside `jit`, `closed_call`, `custom_jvp_call`,
+    `custom_vjp_call` and `checkpoint`. Index arrays computed from NumPy constants
+    count as constants, also under `jit`. Anything else (`scan`, `while`, `cond`,
+    `sort`, ...) is conservative, every output element of it depending on every one
+    of its inputs, with a warning: correct, with more colours.
+
+    **Verification.** Each assembled matrix is checked at run time against one more
+    JVP in a random direction `r`: unless `‖A r − (∂c/∂y) r‖∞ ≤ √ε · ‖|A| |r|‖∞` (ε
+    the precision of the dtype, so about 1e-8 in float64 and 3e-4 in float32), every
+    stored value is NaN, so that the linear solve, and the derivative, is NaN rather
+    than silently wrong. This catches a user pattern that misses entries. The check
+    costs one extra column in the batched JVP.
+
+    !!! Example
+
+        ```python
+        import jax
+        import jax.numpy as jnp
+        import implicitdiff as idf
+
+        def laplacian(y):  # 5-point stencil, zero boundary values
+            p = jnp.pad(y, 1)
+            return 4 * y - p[:-2, 1:-1] - p[2:, 1:-1] - p[1:-1, :-2] - p[1:-1, 2:]
+
+        def conditions(x, y):  # −Δy + y + y³ = x
+            return laplacian(y) + y + y**3 - x
+
+        def forward(x):  # a few Newton–CG steps
+            y = jnp.zeros_like(x)
+            for _ in range(8):
+                jvp = lambda v: laplacian(v) + (1 + 3 * y**2) * v
+                step, _ = jax.scipy.sparse.linalg.cg(jvp, conditions(x, y), tol=1e-12)
+                y = y - step
+            return y
+
+        solve = idf.ImplicitFunction(
+            forward, conditions, representation=idf.Sparse("auto")
+        )
+        jax.grad(lambda x: jnp.sum(solve(x) ** 2))(jnp.ones((64, 64)))
+        ```
+    """
+
+    sparsity: SparsityPattern | Literal["auto"] = eqx.field(
+        static=True, converter=_as_sparsity
+    )
+
+    def operator(
+        self, linear_fn: Callable, in_structure: PyTree[jax.ShapeDtypeStruct]
+    ) -> SparseLinearOperator:
+        out_structure = jax.eval_shape(linear_fn, in_structure)
+        if self.sparsity == "auto":
+            pattern = detect_sparsity(linear_fn, in_structure)
+        else:
+            pattern = self.sparsity
+        if pattern.shape != (size(out_structure), size(in_structure)):
+            raise ValueError(
+                f"Sparse: the pattern has shape {pattern.shape}, but ∂c/∂y is "
+                f"{size(out_structure)} × {size(in_structure)}."
+            )
+        return _assemble(linear_fn, in_structure, out_structure, pattern)
+
+
+Sparse.__init__.__doc__ = """**Arguments:**
+
+- `sparsity`: the pattern of `∂c/∂y` (rows: the conditions, columns: the unknowns,
+    both flattened as `jax.flatten_util.ravel_pytree` does): a
+    `jax.experimental.sparse.BCOO` or `BCSR` matrix or a SciPy sparse matrix (its
+    values are ignored; its indices must be concrete, so build it outside `jit`), an
+    [`implicitdiff.SparsityPattern`][], or `"auto"` to detect it.
+"""
+
+
+def _assemble(linear_fn, in_structure, out_structure, pattern) -> SparseLinearOperator:
+    """One JVP per colour, plus one in a random direction that checks the result."""
+    colouring = column_colouring(pattern)
+    flat_in = jax.eval_shape(ravel, in_structure)
+
+    def flat_fn(v):
+        return ravel(linear_fn(unravel(v, in_structure)))
+
+    seeds = (
+        jnp.asarray(colouring.colours)[None, :]
+        == jnp.arange(colouring.n_colours)[:, None]
+    )
+    probe = jax.random.normal(jax.random.key(0), flat_in.shape, flat_in.dtype)
+    products = jax.vmap(flat_fn)(
+        jnp.concatenate([seeds.astype(flat_in.dtype), probe[None]])
+    )
+    n_rows = pattern.shape[0]
+    # Entry (i, j) is row i of the product for j's colour: no other column of that
+    # colour has an entry in row i.
+    where = colouring.colours[pattern.cols].astype(np.int64) * n_rows + pattern.rows
+    where = where.astype(np.int32) if where.size and where.max() < 2**31 else where
+    data = products[:-1].reshape(-1)[where]
+    ok = _agrees(data, pattern, probe, products[-1])
+    return SparseLinearOperator(
+        nan_unless(ok, data), pattern, in_structure, out_structure
+    )
+
+
+def _agrees(data, pattern, probe, expected) -> jax.Array:
+    """Whether the sparse matrix reproduces the JVP in the direction `probe`."""
+    product = SparseLinearOperator(data, pattern).mv(probe)
+    scale = SparseLinearOperator(jnp.abs(data), pattern).mv(jnp.abs(probe))
+    rtol = jnp.sqrt(jnp.finfo(data.dtype).eps)
+    return jnp.max(jnp.abs(product - expected), initial=0) <= rtol * jnp.max(
+        scale, initial=0
+    )

@@ -1,0 +1,177 @@
+"""SciPy("splu"/"spsolve"/Krylov) on the host: against dense NumPy solves, under jit
+and vmap, through ImplicitFunction against analytic derivatives, one factorisation
+per linearisation point, and NaN on every kind of failure."""
+
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import pytest
+from sparse_problems import (
+    CubicProblem,
+    assert_relative_error,
+    grid_matrix,
+    linear_solve_loss,
+    sparse_operator,
+)
+
+import implicitdiff as idf
+from implicitdiff._solvers._on_host import HOST_CACHE
+from implicitdiff._sparse._operator import SparseLinearOperator
+
+jax.config.update("jax_enable_x64", True)
+
+SPD = grid_matrix(4)
+NONSYMMETRIC = grid_matrix(4, convection=0.5)
+METHODS = ("spsolve", "splu", "cg", "gmres", "bicgstab", "minres", "lgmres")
+METHODS += ("gcrotmk", "qmr")
+SYMMETRIC_ONLY = ("cg", "minres")
+RNG = np.random.default_rng(0)
+RHS = RNG.normal(size=(3, 16))
+
+
+def solve_with(solver, A, b):
+    return solver.solve(solver.presolve(A, None), b)
+
+
+def batched_solve(solver):
+    """jit(vmap) over right-hand sides: one callback call for the whole batch."""
+    return jax.jit(jax.vmap(lambda A, b: solve_with(solver, A, b), (None, 0)))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["spd", "nonsymmetric"])
+def test_matches_dense_solve(method, symmetric):
+    if method in SYMMETRIC_ONLY and not symmetric:
+        pytest.skip(f"{method} needs a symmetric matrix")
+    matrix = SPD if symmetric else NONSYMMETRIC
+    expected = np.linalg.solve(matrix.toarray(), RHS.T).T
+    x = batched_solve(idf.SciPy(method))(sparse_operator(matrix), RHS)
+    assert_relative_error(x, expected, 1e-8)
+
+
+@pytest.mark.parametrize("method", ["splu", "gmres"])
+def test_transposed_and_dense_operators(method):
+    solver = idf.SciPy(method)
+    transposed = sparse_operator(NONSYMMETRIC).transpose()
+    expected = np.linalg.solve(NONSYMMETRIC.toarray().T, RHS[0])
+    np.testing.assert_allclose(solve_with(solver, transposed, RHS[0]), expected, 1e-8)
+    dense = lx.MatrixLinearOperator(jnp.asarray(NONSYMMETRIC.toarray()))
+    expected = np.linalg.solve(NONSYMMETRIC.toarray(), RHS[0])
+    np.testing.assert_allclose(solve_with(solver, dense, RHS[0]), expected, 1e-8)
+
+
+def test_batch_of_matrices_survives_eviction(monkeypatch):
+    """vmap over matrices presolves each; with a cache of one entry the solves must
+    prepare the evicted ones again, not mix them up."""
+    monkeypatch.setattr(HOST_CACHE, "max_entries", 1)
+    base = sparse_operator(NONSYMMETRIC)
+    scales = jnp.array([1.0, 2.0, 5.0])
+    shifts = jnp.array([0.0, 1.0, -0.5])
+    diagonal = base.pattern.rows == base.pattern.cols
+
+    def solve(scale, shift, b):
+        data = scale * base.data + shift * diagonal
+        return solve_with(
+            idf.SciPy("splu"), SparseLinearOperator(data, base.pattern), b
+        )
+
+    x = jax.jit(jax.vmap(solve))(scales, shifts, RHS)
+    for i in range(3):
+        matrix = float(scales[i]) * NONSYMMETRIC + float(shifts[i]) * np.eye(16)
+        np.testing.assert_allclose(x[i], np.linalg.solve(matrix, RHS[i]), 1e-8)
+
+
+@pytest.mark.parametrize("method", ["splu", "gmres"])
+def test_implicit_function_derivatives(method):
+    problem = CubicProblem(NONSYMMETRIC)
+    f = problem.implicit(idf.SciPy(method), on_failure="raise")
+    x = jnp.linspace(-2.0, 3.0, 16)
+    xs = jnp.stack([x, 0.5 * x])
+    weights = jnp.asarray(RNG.normal(size=16))
+    grad = jax.grad(lambda x: weights @ f(x))
+
+    @jax.jit  # one compilation for the three transforms
+    def derivatives(x, xs):
+        return jax.jacrev(f)(x), jax.jacfwd(f)(x), jax.vmap(grad)(xs)
+
+    jacrev, jacfwd, grads = derivatives(x, xs)
+    assert_relative_error(jacrev, problem.jacobian(x), 1e-8)
+    assert_relative_error(jacfwd, problem.jacobian(x), 1e-8)
+    for grad_i, x_i in zip(grads, xs, strict=True):
+        assert_relative_error(grad_i, weights @ problem.jacobian(x_i), 1e-8)
+
+
+def test_linear_solve_gradients():
+    """`implicitdiff.linear_solve` with this solver: gradients w.r.t. A's values and b
+    against JAX's differentiation of a dense solve."""
+    sparse_loss, dense_loss, values = linear_solve_loss(idf.SciPy("splu"), NONSYMMETRIC)
+    b = jnp.asarray(RHS[0])
+    grads = jax.jit(jax.grad(sparse_loss, argnums=(0, 1)))(values, b)
+    expected = jax.grad(dense_loss, argnums=(0, 1))(values, b)
+    for grad, reference in zip(grads, expected, strict=True):
+        assert_relative_error(grad, reference, 1e-8)
+
+
+def test_one_factorisation_per_linearisation_point():
+    problem = CubicProblem(NONSYMMETRIC)
+    f = problem.implicit(idf.SciPy("splu"))
+    jacrev = jax.jit(jax.jacrev(f))
+    x = jnp.linspace(0.5, 1.5, 16)
+    before = HOST_CACHE.preparations
+    np.testing.assert_allclose(jacrev(x), problem.jacobian(x), rtol=1e-8)
+    assert HOST_CACHE.preparations - before == 1  # 16 right-hand sides, one splu
+    jacrev(x)  # the same point again: the factor is found in the cache
+    assert HOST_CACHE.preparations - before == 1
+    jacrev(2 * x)
+    assert HOST_CACHE.preparations - before == 2
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [
+        idf.SciPy("splu"),
+        idf.SciPy("spsolve"),
+        idf.SciPy("gmres"),
+        idf.SciPy("gmres", maxiter=1, restart=2),  # does not converge
+        idf.SciPy("splu", permc_spec="NO_SUCH_ORDERING"),  # raises in the callback
+        idf.SciPy("cg", maxiter=-1),  # raises in the callback
+    ],
+    ids=["splu", "spsolve", "gmres", "gmres-maxiter", "bad-permc", "bad-maxiter"],
+)
+def test_failures_give_nan(solver):
+    singular = NONSYMMETRIC.tolil()
+    singular[3] = 0.0  # a zero row
+    nonfinite = NONSYMMETRIC.toarray()
+    nonfinite[2, 2] = np.nan
+    operators = [sparse_operator(SPD), sparse_operator(NONSYMMETRIC)]
+    if solver.options == ():  # the healthy solvers fail on bad matrices
+        operators = [
+            sparse_operator(singular.tocsr()),
+            lx.MatrixLinearOperator(jnp.asarray(nonfinite)),
+        ]
+    for operator in operators:
+        x = batched_solve(solver)(operator, RHS)
+        assert np.all(np.isnan(x)), x
+
+
+def test_failure_through_implicit_function_is_nan():
+    problem = CubicProblem(NONSYMMETRIC)
+    f = problem.implicit(idf.SciPy("gmres", maxiter=1, restart=2), on_failure="nan")
+    assert np.all(np.isnan(jax.jacrev(f)(jnp.linspace(0.5, 1.5, 16))))
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="method must be one of"):
+        idf.SciPy("cholesky")
+    with pytest.raises(TypeError, match="unknown option"):
+        idf.SciPy("cg", restart=5)
+    with pytest.raises(TypeError, match="unknown option"):
+        idf.SciPy("gmres", callback=print)
+    with pytest.raises(ValueError, match="rtol"):
+        idf.SciPy("bicgstab", rtol=2.0)
+    # a dict option is kept in a hashable, static form and handed back as a dict
+    solver = idf.SciPy("splu", options={"SymmetricMode": True})
+    hash(solver)
+    x = solve_with(solver, sparse_operator(SPD), RHS[0])
+    np.testing.assert_allclose(x, np.linalg.solve(SPD.toarray(), RHS[0]), 1e-8)

@@ -1,0 +1,290 @@
+"""implicitdiff.Sparse (colouring, assembly, verification) and linear_solve, against
+dense references."""
+
+import functools as ft
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from jax import lax
+from jax.experimental import sparse as jsparse
+
+import implicitdiff as idf
+from implicitdiff._sparse import _colouring
+
+jax.config.update("jax_enable_x64", True)
+
+N = 5  # grid side: 25 unknowns
+
+
+def laplacian_matrix(n):
+    """The 5-point Laplacian with zero boundary values, built without JAX."""
+    one_d = sp.diags_array([-1.0, 2.0, -1.0], offsets=[-1, 0, 1], shape=(n, n))
+    eye = sp.eye_array(n)
+    return sp.csr_array(sp.kron(one_d, eye) + sp.kron(eye, one_d))
+
+
+LAPLACIAN = laplacian_matrix(N)
+LAPLACIAN_DENSE = jnp.asarray(LAPLACIAN.toarray())
+
+
+def conditions(x, y):
+    """-Δy + y³ = x on an N×N grid (stencil written with pad and slices)."""
+    p = jnp.pad(y, 1)
+    return 4 * y - p[:-2, 1:-1] - p[2:, 1:-1] - p[1:-1, :-2] - p[1:-1, 2:] + y**3 - x
+
+
+def jacobian_y(y):
+    """∂c/∂y = L + 3 diag(y²), analytically."""
+    return LAPLACIAN_DENSE + 3 * jnp.diag(jnp.ravel(y) ** 2)
+
+
+@jax.jit
+def forward(x):
+    def newton(_, y):
+        step = jnp.linalg.solve(
+            jacobian_y(y).astype(y.dtype), jnp.ravel(conditions(x, y))
+        )
+        return y - step.reshape(y.shape)
+
+    return lax.fori_loop(0, 30, newton, jnp.zeros_like(x))
+
+
+def reference_jacobian(x):
+    """dy/dx = (∂c/∂y)⁻¹ since ∂c/∂x = −I; shaped like jax.jacobian's output."""
+    inverse = jnp.linalg.inv(jacobian_y(forward(x)))
+    return inverse.reshape(N, N, N, N)
+
+
+X = jnp.asarray(np.random.default_rng(0).uniform(0.5, 1.5, (N, N)))
+PATTERN = jsparse.BCOO.fromdense(LAPLACIAN.toarray() != 0)
+# A SciPy pattern with more entries than ∂c/∂y has: they come out as zeros.
+SUPERSET = sp.csr_matrix(LAPLACIAN + sp.eye(N * N, k=7))
+
+
+DIRECT = idf.Direct()
+
+
+def implicit(representation, solver=DIRECT, on_failure="raise"):
+    return idf.ImplicitFunction(
+        forward,
+        conditions,
+        linear_solver=solver,
+        representation=representation,
+        on_failure=on_failure,
+    )
+
+
+@ft.cache
+def operator_jacobians():
+    f = implicit("operator")
+    return jax.jit(jax.jacfwd(f))(X), jax.jit(jax.jacrev(f))(X)
+
+
+# Colouring ----------------------------------------------------------------------
+
+
+def _assert_structurally_orthogonal(pattern, colours):
+    """No row holds two columns of the same colour."""
+    keys = pattern.rows.astype(np.int64) * (colours.max() + 1) + colours[pattern.cols]
+    assert np.unique(keys).size == keys.size
+
+
+@pytest.mark.parametrize("n", [4, 10, 33])
+def test_five_point_stencil_needs_at_most_seven_colours(n):
+    pattern = idf.SparsityPattern.of(laplacian_matrix(n))
+    colouring = _colouring.column_colouring(pattern)
+    assert colouring.n_colours <= 7
+    _assert_structurally_orthogonal(pattern, colouring.colours)
+
+
+def test_colouring_of_irregular_patterns_is_valid():
+    matrix = sp.random(300, 200, density=0.02, random_state=1) + sp.eye(300, 200)
+    pattern = idf.SparsityPattern.of(matrix)
+    colouring = _colouring.column_colouring(pattern)
+    _assert_structurally_orthogonal(pattern, colouring.colours)
+    dense = idf.SparsityPattern.of(np.ones((7, 5)))
+    assert _colouring.column_colouring(dense).n_colours == 5
+
+
+def test_one_colouring_per_pattern(monkeypatch):
+    calls = []
+    original = _colouring._greedy_colouring
+    monkeypatch.setattr(
+        _colouring, "_greedy_colouring", lambda p: calls.append(1) or original(p)
+    )
+    _colouring.column_colouring.cache_clear()
+
+    @ft.partial(jax.jit, static_argnums=1)
+    def assemble(y, representation):
+        _, linear = jax.linearize(lambda y: conditions(X, y), y)
+        return representation.operator(linear, jax.eval_shape(lambda: y)).data
+
+    given = assemble(X, idf.Sparse(PATTERN))
+    assemble(X + 0.1, idf.Sparse(PATTERN))  # no retrace
+    detected = assemble(X, idf.Sparse("auto"))  # a new trace, an equal pattern
+    assert len(calls) == 1
+    np.testing.assert_allclose(given, detected)
+    # The values, in CSR order, are those of ∂c/∂y.
+    pattern = idf.SparsityPattern.of(PATTERN)
+    expected = jacobian_y(X)[pattern.rows, pattern.cols]
+    np.testing.assert_allclose(given, expected, rtol=1e-12)
+
+
+# The implicit function with a sparse representation ------------------------------
+
+
+@pytest.mark.parametrize(
+    "representation, solver",
+    [
+        (idf.Sparse("auto"), idf.Direct()),
+        (idf.Sparse(SUPERSET), idf.GMRES(rtol=1e-12, atol=1e-12)),
+    ],
+    ids=["auto-Direct", "scipy_superset-GMRES"],
+)
+def test_jacobians_match_operator_and_analytic(representation, solver):
+    f = implicit(representation, solver)
+    forward_mode, reverse_mode = jax.jit(jax.jacfwd(f))(X), jax.jit(jax.jacrev(f))(X)
+    expected = reference_jacobian(X)
+    for result, with_operator in zip(
+        (forward_mode, reverse_mode), operator_jacobians(), strict=True
+    ):
+        np.testing.assert_allclose(result, expected, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(result, with_operator, rtol=1e-8, atol=1e-10)
+
+
+def test_grad_under_vmap():
+    f = implicit(idf.Sparse("auto"))
+    loss = lambda x: jnp.sum(jnp.sin(f(x)))
+    xs = X[None] * jnp.array([0.8, 1.0, 1.2])[:, None, None]
+    grads = jax.jit(jax.vmap(jax.grad(loss)))(xs)
+    for x, g in zip(xs, grads, strict=True):
+        expected = jnp.einsum("ij,ijkl->kl", jnp.cos(forward(x)), reference_jacobian(x))
+        np.testing.assert_allclose(g, expected, rtol=1e-8, atol=1e-12)
+
+
+def test_float32_passes_the_check():
+    x = X.astype(jnp.float32)
+    f = implicit(idf.Sparse("auto"))
+    jac = jax.jit(jax.jacrev(f))(x)
+    assert jac.dtype == jnp.float32
+    np.testing.assert_allclose(jac, reference_jacobian(X), rtol=1e-4, atol=1e-5)
+
+
+def test_wrong_pattern_gives_nan_not_a_wrong_derivative():
+    dense = LAPLACIAN.toarray() != 0
+    dense[7, 8] = False  # drop one true entry
+    f = implicit(idf.Sparse(sp.csr_matrix(dense)), on_failure="nan")
+    assert jnp.all(jnp.isnan(jax.jit(jax.jacrev(f))(X)))
+
+
+def test_pattern_of_the_wrong_shape_raises():
+    with pytest.raises(ValueError, match="pattern has shape"):
+        jax.eval_shape(jax.jacfwd(implicit(idf.Sparse(sp.eye(24)))), X)
+    with pytest.raises(ValueError, match="'auto' or a pattern"):
+        idf.Sparse("dense")
+
+
+# linear_solve ---------------------------------------------------------------------
+
+RNG = np.random.default_rng(1)
+SIZE = 12
+_rows = np.concatenate([np.arange(SIZE), RNG.integers(0, SIZE, 30)])
+_cols = np.concatenate([np.arange(SIZE), RNG.integers(0, SIZE, 30)])
+_order = RNG.permutation(_rows.size)  # unsorted, with duplicates
+INDICES = np.stack([_rows[_order], _cols[_order]], axis=1)
+VALUES = jnp.asarray(np.where(_rows == _cols, 8.0, 1.0)[_order] + RNG.normal(size=42))
+B = jnp.asarray(RNG.normal(size=SIZE))
+
+
+def as_bcoo(values):
+    return jsparse.BCOO((values, INDICES), shape=(SIZE, SIZE))
+
+
+def dense_solve(values, b):
+    dense = jnp.zeros((SIZE, SIZE)).at[INDICES[:, 0], INDICES[:, 1]].add(values)
+    return jnp.linalg.solve(dense, b)
+
+
+def sparse_loss(values, b, solver=DIRECT):
+    return jnp.sum(jnp.sin(idf.linear_solve(as_bcoo(values), b, solver)))
+
+
+def dense_loss(values, b):
+    return jnp.sum(jnp.sin(dense_solve(values, b)))
+
+
+@pytest.mark.parametrize(
+    "solver", [idf.Direct(), idf.GMRES(1e-12, 1e-12)], ids=["Direct", "GMRES"]
+)
+def test_linear_solve_gradients(solver):
+    grads = jax.jit(jax.grad(sparse_loss, argnums=(0, 1)), static_argnums=2)
+    values_bar, b_bar = grads(VALUES, B, solver)
+    expected_values_bar, expected_b_bar = jax.grad(dense_loss, argnums=(0, 1))(
+        VALUES, B
+    )
+    np.testing.assert_allclose(values_bar, expected_values_bar, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(b_bar, expected_b_bar, rtol=1e-9, atol=1e-12)
+
+
+def test_linear_solve_jacobians_and_vmap():
+    solve = lambda values, b: idf.linear_solve(as_bcoo(values), b)
+    scales = jnp.array([1.0, 2.0, 3.0])[:, None]
+
+    @jax.jit
+    def transformed(values, b):
+        batched = jax.vmap(solve)(values * scales, b * scales)
+        return jax.jacfwd(solve)(values, b), jax.jacrev(solve)(values, b), batched
+
+    forward_mode, reverse_mode, batched = transformed(VALUES, B)
+    expected = jax.jacfwd(dense_solve)(VALUES, B)
+    np.testing.assert_allclose(forward_mode, expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(reverse_mode, expected, rtol=1e-9, atol=1e-12)
+    for values, b, x in zip(VALUES * scales, B * scales, batched, strict=True):
+        np.testing.assert_allclose(x, dense_solve(values, b), rtol=1e-10)
+
+
+def test_linear_solve_takes_bcsr_and_operators():
+    matrix = as_bcoo(VALUES).sum_duplicates()
+    rows, cols = np.asarray(matrix.indices).T
+    bcsr = jsparse.BCSR.from_bcoo(matrix)
+    indices, indptr = np.asarray(bcsr.indices), np.asarray(bcsr.indptr)
+
+    @jax.jit
+    def solve_both(data):
+        by_bcsr = idf.linear_solve(
+            jsparse.BCSR((data, indices, indptr), shape=bcsr.shape), B
+        )
+        # An operator on pytrees: b and x are 3×4 arrays.
+        structure = jax.ShapeDtypeStruct((3, 4), data.dtype)
+        operator = idf.SparseLinearOperator(data, matrix, structure, structure)
+        by_operator = idf.linear_solve(operator, B.reshape(3, 4))
+        return by_bcsr, by_operator.ravel()
+
+    x = dense_solve(VALUES, B)
+    for result in solve_both(bcsr.data):
+        np.testing.assert_allclose(result, x, rtol=1e-10)
+    # The cotangent of the values is −u[row]·x[col] on the stored entries.
+    u = jnp.linalg.solve(jnp.asarray(matrix.todense()).T, jnp.ones(SIZE))
+    grad = jax.jit(jax.grad(lambda data: jnp.sum(solve_both(data)[0])))(bcsr.data)
+    np.testing.assert_allclose(grad, -u[rows] * x[cols], rtol=1e-10)
+
+
+def test_cotangent_of_a_bcoo_is_a_bcoo():
+    grad = jax.grad(lambda A: jnp.sum(jnp.sin(idf.linear_solve(A, B))), allow_int=True)(
+        as_bcoo(VALUES)
+    )
+    assert isinstance(grad, jsparse.BCOO)
+    np.testing.assert_allclose(
+        grad.data, jax.grad(dense_loss)(VALUES, B), rtol=1e-9, atol=1e-12
+    )
+
+
+def test_linear_solve_singular_gives_nan():
+    singular = VALUES.at[np.flatnonzero(INDICES[:, 0] == 3)].set(0.0)
+    x = idf.linear_solve(as_bcoo(singular), B)
+    assert jnp.all(jnp.isnan(x))
+    g = jax.grad(sparse_loss)(singular, B)
+    assert jnp.all(jnp.isnan(g))
