@@ -33,6 +33,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes, few repeats (< 2 minutes)"
     )
+    parser.add_argument(
+        "--markdown",
+        action="store_true",
+        help="run nothing: print the stored results/<suite>.json as Markdown "
+        "(with --quick: results/quick/)",
+    )
     options = parser.parse_args(argv)
     unknown = [s for s in options.suites if s not in SUITES]
     if unknown:
@@ -40,6 +46,10 @@ def main(argv=None) -> int:
     suites = options.suites or list(SUITES)
 
     from . import _common
+
+    if options.markdown:
+        print(_common.markdown_report(suites, options.quick))
+        return 0
 
     info = _common.machine()
     print(

@@ -313,9 +313,17 @@ def machine() -> dict:
     return info
 
 
+def results_dir(quick: bool) -> Path:
+    """`benchmarks/results/`, or its `quick/` folder for `--quick` runs, so that a
+    quick check never overwrites the figures of a full run."""
+    return RESULTS_DIR / "quick" if quick else RESULTS_DIR
+
+
 def write_json(suite: str, rows: list[dict], goals: list[dict], quick: bool) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{suite}.json"
+    """Writes `<suite>.json` (rows, goals, machine, date) to `results_dir(quick)`."""
+    directory = results_dir(quick)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{suite}.json"
     payload = {
         "suite": suite,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -326,6 +334,32 @@ def write_json(suite: str, rows: list[dict], goals: list[dict], quick: bool) -> 
     }
     path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
     return path
+
+
+def markdown_report(suites: Sequence[str], quick: bool = False) -> str:
+    """The stored results of `suites` as Markdown: per suite its run's date, whether
+    it was quick, its table and its goals."""
+    parts = []
+    for suite in suites:
+        path = results_dir(quick) / f"{suite}.json"
+        if not path.exists():
+            continue
+        result = json.loads(path.read_text())
+        info = result["machine"]
+        parts.append(
+            f"### `{suite}`\n\nRun {result['date']}"
+            + (" (--quick)" if result["quick"] else "")
+            + f", load average {info['loadavg'][0]:.1f} at the start.\n\n"
+            + table(result["rows"], markdown=True)
+        )
+        verdicts = {True: "met", False: "**missed**", None: "n/a"}
+        goals = [
+            f"- goal {verdicts[g['met']]}: {g['goal']}. {g['detail']}"
+            for g in result["goals"]
+        ]
+        if goals:
+            parts.append("\n".join(goals))
+    return "\n\n".join(parts)
 
 
 def _json_default(value):

@@ -2,7 +2,9 @@
 the same batch sharded over 4 host devices.
 
 Each problem is `overhead_small`'s ridge (10 features, 20 samples, its own data and
-λ); the batched function returns the 1024 hypergradients d(validation loss)/dλ. The
+λ), its forward by conjugate gradients rather than a dense solve (see
+`ridge_forward_cg`); the batched function returns the 1024 hypergradients
+d(validation loss)/dλ. The
 sharded configuration needs `XLA_FLAGS=--xla_force_host_platform_device_count=4`
 before JAX starts, so each configuration runs in a subprocess (`python -m
 benchmarks.batched --child vmap|sharded`); the sharded one also times the unsharded
@@ -10,6 +12,7 @@ functions on one of its 4 devices for the speed-up. Ratios are against the
 hand-written derivative in the same process.
 """
 
+import functools
 import json
 import os
 import sys
@@ -27,7 +30,7 @@ from .overhead_small import (
     ridge_conditions,
     ridge_data,
     ridge_exact,
-    ridge_forward,
+    ridge_forward_cg,
     ridge_hand,
     ridge_validation,
 )
@@ -35,6 +38,8 @@ from .overhead_small import (
 SUITE = "batched"
 IMPLICIT = "implicitdiff (defaults)"
 DEVICES = 4
+ATTEMPTS = 3
+WATCHDOG_S = 180  # seconds without output before a child counts as hung
 
 
 def batch_inputs(size: int):
@@ -52,16 +57,18 @@ def hypergradient(solve):
 def methods() -> dict:
     """name → (λ, data) ↦ hypergradients, vmapped over the batch."""
     found = {
-        HAND: ridge_hand,
-        IMPLICIT: hypergradient(idf.ImplicitFunction(ridge_forward, ridge_conditions)),
+        HAND: functools.partial(ridge_hand, forward=ridge_forward_cg),
+        IMPLICIT: hypergradient(
+            idf.ImplicitFunction(ridge_forward_cg, ridge_conditions)
+        ),
         "implicitdiff on_failure='nan' (diagnostic)": hypergradient(
-            idf.ImplicitFunction(ridge_forward, ridge_conditions, on_failure="nan")
+            idf.ImplicitFunction(ridge_forward_cg, ridge_conditions, on_failure="nan")
         ),
     }
     if jaxopt is not None:
         optimality = lambda w, lam, data: ridge_conditions(lam, w, data)  # noqa: E731
         root = jaxopt.implicit_diff.custom_root(optimality)(
-            lambda init, lam, data: ridge_forward(lam, data)
+            lambda init, lam, data: ridge_forward_cg(lam, data)
         )
         found["jaxopt custom_root (default solve_normal_cg)"] = hypergradient(
             lambda lam, data: root(jnp.zeros(data[0].shape[1]), lam, data)
@@ -70,7 +77,7 @@ def methods() -> dict:
         found["optimistix root_find ImplicitAdjoint() (default)"] = hypergradient(
             lambda lam, data: optx_root(
                 lambda w, a: ridge_conditions(a[0], w, a[1]),
-                lambda a: ridge_forward(*a),
+                lambda a: ridge_forward_cg(*a),
                 jnp.zeros(data[0].shape[1]),
                 (lam, data),
             )
@@ -110,11 +117,17 @@ def run(quick: bool) -> list[dict]:
     rows = []
     for config, env in (("vmap", {}), ("sharded", {"XLA_FLAGS": devices})):
         args = ["--child", config] + (["--quick"] if quick else [])
-        child_rows, problem = C.run_subprocess("benchmarks.batched", env, *args)
+        for attempt in range(1, ATTEMPTS + 1):
+            child_rows, problem = C.run_subprocess(
+                "benchmarks.batched", env, *args, timeout_s=WATCHDOG_S
+            )
+            if problem is None:
+                break
+            print(f"  [{SUITE}] {config}: attempt {attempt} failed ({problem})")
         rows += child_rows
         if problem is not None:
-            note = f"{config} configuration failed: {problem}"
-            rows.append(C.row(SUITE, config, "(remaining methods)", note=note))
+            note = f"failed {ATTEMPTS} times, last: {problem}"
+            rows.append(C.row(SUITE, config, "(all methods)", note=note))
     return rows
 
 

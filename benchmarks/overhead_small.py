@@ -6,9 +6,9 @@ Problems (float64):
 - `sqrt scalar`: y = √x by 30 Newton steps, condition y² − x = 0; dy/dx = 1/(2y).
 - `sqrt 10-dim`: the same elementwise on 10 numbers; gradient of Σ y.
 - `ridge 10-dim`: w(λ) = argmin ½‖X w − t‖²/m + ½λ‖w‖² (10 features, m = 20, solved
-  by 30 conjugate-gradient steps), condition ∇f = 0; gradient of the validation
-  loss ½‖X_v w − t_v‖² with respect to λ, by hand −gᵀ H⁻¹ w with H = XᵀX/m + λI
-  (one dense solve).
+  by a dense solve of the normal equations), condition ∇f = 0; gradient of the
+  validation loss ½‖X_v w − t_v‖² with respect to λ, by hand −gᵀ H⁻¹ w with
+  H = XᵀX/m + λI (one more dense solve).
 
 Every method runs the same forward. implicitdiff runs with its defaults (linear
 solver `Auto` → `Direct`, `on_failure="warn"`); jaxopt's `custom_root` with its
@@ -48,25 +48,35 @@ def sqrt_hand(x):
     return 1 / (2 * sqrt_forward(x))
 
 
-def ridge_forward(lam, data):
-    """Conjugate gradients on the normal equations, a fixed number of steps (more
-    than the 10 unknowns need). Not a LAPACK solve: under `vmap` jaxlib 0.10.2's
-    batched LAPACK kernels can deadlock when two run at once (see README)."""
-    x, t, _, _ = data
+def ridge_matrix(lam, x):
     m, d = x.shape
-    h = x.T @ x / m + lam * jnp.eye(d)
+    return x.T @ x / m + lam * jnp.eye(d)
+
+
+def ridge_forward(lam, data):
+    """The normal equations by a dense solve."""
+    x, t, _, _ = data
+    return jnp.linalg.solve(ridge_matrix(lam, x), x.T @ t / x.shape[0])
+
+
+def ridge_forward_cg(lam, data):
+    """The normal equations by conjugate gradients, a fixed number of steps (more than
+    the 10 unknowns need): a forward with no LAPACK call, for `batched` (under `vmap`,
+    jaxlib 0.10.2's batched LAPACK kernels can deadlock when two run at once)."""
+    x, t, _, _ = data
+    h = ridge_matrix(lam, x)
+    tiny = jnp.finfo(h.dtype).tiny
 
     def step(_, state):
         w, r, p, rr = state
         hp = h @ p
-        alpha = rr / jnp.maximum(p @ hp, jnp.finfo(p.dtype).tiny)
+        alpha = rr / jnp.maximum(p @ hp, tiny)
         w, r = w + alpha * p, r - alpha * hp
         rr_new = r @ r
-        return w, r, r + (rr_new / jnp.maximum(rr, jnp.finfo(p.dtype).tiny)) * p, rr_new
+        return w, r, r + (rr_new / jnp.maximum(rr, tiny)) * p, rr_new
 
-    b = x.T @ t / m
-    w0 = jnp.zeros_like(b)
-    return lax.fori_loop(0, CG_STEPS, step, (w0, b, b, b @ b))[0]
+    b = x.T @ t / x.shape[0]
+    return lax.fori_loop(0, CG_STEPS, step, (jnp.zeros_like(b), b, b, b @ b))[0]
 
 
 def ridge_conditions(lam, w, data):
@@ -79,11 +89,11 @@ def ridge_validation(w, data):
     return 0.5 * jnp.sum((xv @ w - tv) ** 2)
 
 
-def ridge_hand(lam, data):
+def ridge_hand(lam, data, forward=ridge_forward):
+    """The forward, then −gᵀ H⁻¹ w by one more dense solve."""
     x, _, xv, tv = data
-    w = ridge_forward(lam, data)
-    m, d = x.shape
-    dw = -jnp.linalg.solve(x.T @ x / m + lam * jnp.eye(d), w)
+    w = forward(lam, data)
+    dw = -jnp.linalg.solve(ridge_matrix(lam, x), w)
     return (xv.T @ (xv @ w - tv)) @ dw
 
 

@@ -21,6 +21,7 @@ from ._solvers._gmres import GMRES as GMRES
 from ._solvers._jacobi import Jacobi as Jacobi
 from ._solvers._least_squares import LeastSquares as LeastSquares
 from ._solvers._lineax import Lineax as Lineax
+from ._solvers._preconditioner import AbstractPreconditioner as AbstractPreconditioner
 from ._solvers._scipy import SciPy as SciPy
 from ._sparse._operator import (
     SparseLinearOperator as SparseLinearOperator,

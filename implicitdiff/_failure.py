@@ -7,10 +7,9 @@ from typing import Literal, NamedTuple
 import equinox as eqx
 import equinox.internal as eqxi
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, PyTree
-
-from ._misc import structure
 
 OnFailure = Literal["nan", "warn", "raise"]
 ON_FAILURE_CHOICES = ("nan", "warn", "raise")
@@ -55,24 +54,26 @@ def apply_policy(
     message: str,
     site: CallSite,
 ) -> PyTree[Array]:
-    """Warns or raises as `policy` says when `failed`; `x` is already NaN then.
+    """NaN-fills `x` where `failed`, and warns or raises as `policy` says.
 
     Costs one `lax.cond` on an unbatched flag when nothing fails: `unvmap_any` reduces
     the flag over every `vmap` axis, so the cond is not turned into a `select` that
-    would run the callback on every call. The warning goes through a `pure_callback`
-    that passes `x` through (so it is not dead code): unlike `jax.debug.callback`, it
-    carries no effect token, whose mere presence costs ~70 µs per call on CPU.
+    would run the callback on every call. Only the flag goes to the host, never `x`:
+    a sharded `x` stays sharded. The warning is a `pure_callback` whose output feeds
+    the result (so it is not dead code): unlike `jax.debug.callback` it carries no
+    effect token, whose mere presence costs ~70 µs per call on CPU.
     """
     if policy == "warn":
 
-        def warn(x):
-            def host(x):
+        def warn(flag):
+            def host(flag):
                 site.warn(message)
-                return x
+                return flag
 
-            return jax.pure_callback(host, structure(x), x, vmap_method="expand_dims")
+            return jax.pure_callback(host, jax.ShapeDtypeStruct((), jnp.bool_), flag)
 
-        x = lax.cond(eqxi.unvmap_any(failed), warn, lambda x: x, x)
+        any_failed = eqxi.unvmap_any(failed)
+        failed = failed & lax.cond(any_failed, warn, lambda flag: flag, any_failed)
     elif policy == "raise":
-        x = eqx.error_if(x, failed, message)
-    return x
+        failed = eqx.error_if(failed, failed, message)
+    return jax.tree.map(lambda leaf: jnp.where(failed, jnp.nan, leaf), x)

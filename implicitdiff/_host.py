@@ -28,7 +28,9 @@ def host(
     (no `jit`), it simply calls `fn`.
 
     It is not differentiable by itself: use it as the `forward` of an
-    [`implicitdiff.ImplicitFunction`][], which never differentiates its forward.
+    [`implicitdiff.ImplicitFunction`][], which never differentiates its forward. (Out
+    of `jit` a NumPy forward needs no wrapping: the implicit function then calls it
+    on concrete values.)
 
     If `fn` raises, or returns something of the wrong shape, the call raises an error
     naming `fn` and quoting the original exception: a `HostFunctionError` out of

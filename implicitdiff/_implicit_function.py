@@ -15,6 +15,7 @@ depends only on `A`, so `vmap` over right-hand sides (`jacfwd`, `jacrev`) leaves
 unbatched and it runs once per linearisation point, in the one direction in use.
 """
 
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -29,11 +30,21 @@ from jaxtyping import PyTree
 
 from . import _solve_log as solve_log
 from ._failure import ON_FAILURE_CHOICES, CallSite, OnFailure, apply_policy
-from ._misc import all_finite, is_inexact_array, nan_unless, structure
+from ._misc import (
+    all_finite,
+    is_inexact_array,
+    nan_unless,
+    operator_norm_lower_bound,
+    proves_singular,
+    ravel,
+    structure,
+    unravel,
+)
 from ._representation import AbstractRepresentation, as_representation
 from ._solvers._auto import Auto
 from ._solvers._base import AbstractLinearSolver
 from ._solvers._least_squares import LeastSquares
+from ._solvers._preconditioner import AbstractPreconditioner
 
 
 class ImplicitFunction(eqx.Module):
@@ -92,6 +103,13 @@ class ImplicitFunction(eqx.Module):
                     f"ImplicitFunction: `{name}` must be callable, "
                     f"got {getattr(self, name)!r}."
                 )
+        if isinstance(self.linear_solver, AbstractPreconditioner):
+            raise TypeError(
+                f"ImplicitFunction: {type(self.linear_solver).__name__} is a "
+                "preconditioner, an approximate inverse: as the `linear_solver` its "
+                "derivatives would be wrong. Pass it as the `preconditioner` of a "
+                "Krylov solver, e.g. GMRES(preconditioner=...)."
+            )
         if not isinstance(self.linear_solver, AbstractLinearSolver):
             raise TypeError(
                 "ImplicitFunction: `linear_solver` must be an "
@@ -145,7 +163,7 @@ class ImplicitFunction(eqx.Module):
         @jax.custom_jvp
         def implicit(diff, nondiff, held):
             conditions, x, args, forward, _, _ = unpack(diff, nondiff, held)
-            y, z = self._split_output(forward(x, *args))
+            y, z = self._split_output(_call_forward(forward, x, args))
             y = jax.tree.map(jnp.asarray, y)
             self._check_conditions_output(conditions, x, y, z, args)
             if self.check_conditions is not None:
@@ -168,10 +186,18 @@ class ImplicitFunction(eqx.Module):
 
             _, A = jax.linearize(lambda y: c(diff, y), y)
             _, B_t = jax.jvp(lambda d: c(d, y), (diff,), (t_diff,))
-            rhs = jax.tree.map(jnp.negative, B_t)
+            # Through ravel, every leaf of the rhs is linear in the tangents, even a
+            # condition that does not involve x (which JAX could not transpose).
+            rhs = unravel(-ravel(B_t), structure(B_t))
+            y_finite = all_finite(y)  # NaN y (a failed check): NaN in, not a failure
             y_dot = _linear_solve(
-                A, rhs, y, solver, representation, self.on_failure, site
+                A, rhs, y, y_finite, solver, representation, self.on_failure, site
             )
+            if self.check_conditions is not None:
+                # A product, not a `where`: its transpose keeps the NaN in reverse mode.
+                y_dot = jax.tree.map(
+                    lambda t: t * jnp.where(y_finite, 1, jnp.nan).astype(t.dtype), y_dot
+                )
             z_dot = jax.tree.map(_zero_tangent, out_arrays[1])
             return out_arrays, (y_dot, z_dot)
 
@@ -194,12 +220,15 @@ class ImplicitFunction(eqx.Module):
             return forward, conditions
         try:
             converted = eqx.filter_closure_convert(forward, x, *args)
+            if _closes_over_tracers(converted):
+                forward = converted
+            if _is_plain_function(conditions):  # nothing it could close over
+                return forward, conditions
+            y, z = self._split_output(eqx.filter_eval_shape(converted, x, *args))
         except Exception:
-            # JAX cannot trace this forward (NumPy, SciPy): it can close over no tracer.
-            return forward, conditions
-        if _closes_over_tracers(converted):
-            forward = converted
-        y, z = self._split_output(eqx.filter_eval_shape(converted, x, *args))
+            # JAX cannot trace this forward (NumPy, SciPy): it can close over no tracer,
+            # and a malformed output is reported when the forward runs.
+            return self.forward, conditions
         extra = (z,) if self.has_byproduct else ()
         converted = eqx.filter_closure_convert(conditions, x, y, *extra, *args)
         if _closes_over_tracers(converted):
@@ -239,9 +268,7 @@ class ImplicitFunction(eqx.Module):
             f"satisfy the conditions: ‖c(x, y)‖ > {self.check_conditions:g}·(1 + ‖y‖); "
             f"y and its derivatives are NaN."
         )
-        return apply_policy(
-            nan_unless(~failed, y), failed, self.on_failure, message, site
-        )
+        return apply_policy(y, failed, self.on_failure, message, site)
 
     def _check_conditions_output(self, conditions, x, y, z, args):
         """Raises at trace time when c cannot pair with y."""
@@ -268,7 +295,7 @@ class ImplicitFunction(eqx.Module):
             )
 
 
-def _linear_solve(A, rhs, y, solver, representation, on_failure, site):
+def _linear_solve(A, rhs, y, y_finite, solver, representation, on_failure, site):
     """Solves `A ẏ = rhs` in a way JAX can transpose, with presolve inside."""
     if isinstance(solver, LeastSquares):
         # Normal equations AᵀA ẏ = Aᵀ rhs: square and symmetric, so custom_linear_solve
@@ -285,6 +312,7 @@ def _linear_solve(A, rhs, y, solver, representation, on_failure, site):
             solver,
             on_failure,
             site,
+            operator_finite=y_finite,
         )
     return solve_with_presolve(
         A,
@@ -293,11 +321,19 @@ def _linear_solve(A, rhs, y, solver, representation, on_failure, site):
         solver,
         on_failure,
         site,
+        operator_finite=y_finite,
     )
 
 
 def solve_with_presolve(
-    matvec, rhs, make_operator, solver, on_failure, site, system="∂c/∂y"
+    matvec,
+    rhs,
+    make_operator,
+    solver,
+    on_failure,
+    site,
+    system="∂c/∂y",
+    operator_finite=True,
 ):
     """`lax.custom_linear_solve` whose solve and transpose solve each presolve once.
 
@@ -305,8 +341,11 @@ def solve_with_presolve(
     assembly per linearisation point, only in the direction in use, unbatched under
     `vmap` since it does not depend on the right-hand side) and the VJP direction
     transposes it; the `vecmat` that JAX offers to `transpose_solve` is not needed.
+    Whatever the solver, a solution that proves `A` numerically singular (see
+    `proves_singular`) is rejected too: a safety net under the NaN contract.
     Then the failure policy: a solution with any NaN is all NaN, and a failure from a
-    finite right-hand side warns or raises as `on_failure` says.
+    finite right-hand side and operator (`operator_finite`, a flag) warns or raises as
+    `on_failure` says.
     """
 
     def presolve_and_solve(transpose):
@@ -324,10 +363,14 @@ def solve_with_presolve(
             if transpose:
                 operator = operator.transpose()
             state = solve_log.presolve(solver, operator, b_struct, direction)
+            norm_bound = operator_norm_lower_bound(operator)
             x = solve_log.solve(solver, state, operator, b, direction)
-            solved = all_finite(x)
-            x = nan_unless(solved, x)  # all NaN, even if a solver NaNs only a part
-            failed = ~solved & all_finite(b)  # NaN in, NaN out is not a failure
+            # All NaN, even if a solver NaNs only a part, or returns the huge finite
+            # answer of a numerically singular system.
+            solved = all_finite(x) & ~proves_singular(norm_bound, x, b)
+            x = nan_unless(solved, x)
+            # NaN in, NaN out is not a failure.
+            failed = ~solved & all_finite(b) & operator_finite
             return apply_policy(x, failed, on_failure, message, site)
 
         return run
@@ -340,9 +383,25 @@ def solve_with_presolve(
     )
 
 
+def _call_forward(forward, x, args):
+    try:
+        return forward(x, *args)
+    except Exception as error:
+        if hasattr(error, "add_note"):  # Python ≥ 3.11
+            error.add_note(
+                f"(raised by the forward {_name(forward)} of an "
+                "implicitdiff.ImplicitFunction)"
+            )
+        raise
+
+
 def _is_inexact(leaf) -> bool:
     dtype = getattr(leaf, "dtype", None)
     return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+
+
+def _is_plain_function(fn) -> bool:
+    return isinstance(fn, types.FunctionType) and fn.__closure__ is None
 
 
 def _closes_over_tracers(converted) -> bool:

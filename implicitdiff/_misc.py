@@ -4,7 +4,7 @@ import jax
 import jax.flatten_util as jfu
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, PyTree
+from jaxtyping import Array, Bool, Float, PyTree
 
 
 def structure(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
@@ -52,3 +52,41 @@ def is_inexact_array(leaf) -> bool:
     return isinstance(leaf, (jax.Array, np.ndarray, np.generic)) and jnp.issubdtype(
         leaf.dtype, jnp.inexact
     )
+
+
+def probes(structure: PyTree[jax.ShapeDtypeStruct]) -> Float[Array, "4 n"]:
+    """Four fixed flat vectors of ∞-norm 1 shaped like `structure`: ones, alternating
+    signs, and cosine and sine of golden-angle steps. A matrix that annihilates one of
+    them (`L·1 = 0` for a Laplacian) rarely annihilates them all."""
+    n = size(structure)
+    dtype = jnp.result_type(*(leaf.dtype for leaf in jax.tree.leaves(structure)))
+    k = jnp.arange(n, dtype=dtype)
+    return jnp.stack(
+        [jnp.ones_like(k), (-1.0) ** k, jnp.cos(2.39996 * k), jnp.sin(2.39996 * k)]
+    )
+
+
+def operator_norm_lower_bound(operator) -> Float[Array, ""]:
+    """A lower bound of `‖A‖∞`: the largest `‖A p‖∞` over the `probes`, in one
+    batched product."""
+    in_structure = operator.in_structure()
+    products = jax.vmap(lambda p: ravel(operator.mv(unravel(p, in_structure))))(
+        probes(in_structure)
+    )
+    return jnp.max(jnp.abs(products))
+
+
+def proves_singular(
+    norm_bound: Float[Array, ""], x: PyTree[Array], b: PyTree[Array]
+) -> Bool[Array, ""]:
+    """Whether the solution `x` of `A x = b` proves `κ∞(A) > 1/(n·ε)`.
+
+    `‖x‖ ≤ ‖A⁻¹‖ ‖b‖`, so `κ∞(A) = ‖A‖∞ ‖A⁻¹‖∞ ≥ norm_bound·‖x‖∞ / ‖b‖∞` for any
+    `norm_bound ≤ ‖A‖∞`. Past `1/(n·ε)` the system is numerically singular and `x`
+    carries no correct digit: LU with partial pivoting can return such an `x`, finite
+    and with a small residual, from a singular matrix that had no small pivot.
+    """
+    x_flat, b_flat = ravel(x), ravel(b)
+    eps = jnp.finfo(x_flat.dtype).eps
+    x_norm = jnp.max(jnp.abs(x_flat), initial=0)
+    return norm_bound * x_norm * x_flat.size * eps > jnp.max(jnp.abs(b_flat), initial=0)

@@ -74,3 +74,7 @@ def as_representation(representation) -> AbstractRepresentation:
         f"implicitdiff.AbstractRepresentation (such as implicitdiff.Sparse(...)), "
         f"got {representation!r}."
     )
+
+
+OperatorRepresentation.__init__.__doc__ = """**Arguments:** none."""
+MatrixRepresentation.__init__.__doc__ = """**Arguments:** none."""

@@ -42,7 +42,7 @@ import numpy as np
 from jax.custom_batching import custom_vmap
 from jaxtyping import Array, ArrayLike, Int, PyTree
 
-from ._misc import all_finite, ravel, size
+from ._misc import all_finite, ravel, size, structure, unravel
 
 # Part of every jit cache key (and of JAX's inner tracing caches): a function traced
 # with no log active has no callbacks in its program, so entering a log must give a
@@ -85,11 +85,10 @@ class SolveLogEntry:
     - `residual`: the largest relative residual `‖b − A x‖ / ‖b‖` (`‖b − A x‖` when
         `b = 0`), computed with one extra product by `A`; NaN when the solution is NaN.
     - `status`: `"converged"` when every solution is finite; `"non-finite input"` when
-        a right-hand side is not finite (NaN in, NaN out is no solver failure);
-        otherwise a solution is NaN from finite input, and the status is
+        a right-hand side or the operator is not finite (NaN in, NaN out is no solver
+        failure); otherwise a solution is NaN from finite input, and the status is
         `"not converged"` for a solver that reported iterations and `"singular"` for
-        one that did not (a direct solver that found the matrix singular, or not
-        finite).
+        one that did not (a direct solver that found the matrix singular).
     - `presolve_time`, `solve_time`: wall-clock seconds of the presolve and of the
         solve, as measured on the host between data-dependent callbacks. A presolve is
         timed in every entry that shares it.
@@ -234,16 +233,18 @@ def solve(solver, state, operator, b, direction):
 def _record_when_run(info, ticks, batch, notes, operator, x, b):
     """Stages the callback that appends this solve's entry to the active logs, with
     everything reduced over the `vmap` axes; returns its (opaque, zero) result."""
-    b_finite = all_finite(b)
+    x_finite = all_finite(x)
+    residual, operator_finite = _residual(operator, x, b, x_finite)
+    bad_input = ~all_finite(b) | (~x_finite & ~operator_finite)
     done = jax.pure_callback(
         functools.partial(_record, info, bool(notes)),
         jax.ShapeDtypeStruct((), jnp.int32),
         ticks,
         batch,
         eqxi.unvmap_max(notes[-1]) if notes else -1,
-        eqxi.unvmap_max(_relative_residual(operator, x, b)),
-        eqxi.unvmap_any(~b_finite),
-        eqxi.unvmap_any(b_finite & ~all_finite(x)),
+        eqxi.unvmap_max(residual),
+        eqxi.unvmap_any(bad_input),
+        eqxi.unvmap_any(~x_finite & ~bad_input),
     )
     jax.debug.callback(_completed, done)
     return done
@@ -351,11 +352,19 @@ def _read_clock(probe):
     return np.int32(now), np.zeros((), np.int32)
 
 
-def _relative_residual(operator, x, b):
-    b_flat = ravel(b)
-    r_norm = jnp.linalg.norm(b_flat - ravel(operator.mv(x)).astype(b_flat.dtype))
+def _residual(operator, x, b, x_finite):
+    """`‖b − A x‖ / ‖b‖` (NaN for a non-finite `x`), and whether `A` is finite, with
+    one product by `A`: of `x` when it is finite, else of `b` (the systems solved here
+    are square), whose non-finite product means a non-finite `A`, so that NaN in, NaN
+    out is not blamed on the solver."""
+    b_flat, x_flat = ravel(b), ravel(x)
+    if b_flat.shape == x_flat.shape:
+        x_flat = jnp.where(x_finite, x_flat, b_flat.astype(x_flat.dtype))
+    product = ravel(operator.mv(unravel(x_flat, structure(x)))).astype(b_flat.dtype)
+    r_norm = jnp.linalg.norm(b_flat - product)
     b_norm = jnp.linalg.norm(b_flat)
-    return jnp.where(b_norm > 0, r_norm / jnp.where(b_norm > 0, b_norm, 1), r_norm)
+    relative = jnp.where(b_norm > 0, r_norm / jnp.where(b_norm > 0, b_norm, 1), r_norm)
+    return jnp.where(x_finite, relative, jnp.nan), jnp.all(jnp.isfinite(product))
 
 
 def _record(info, iterative, ticks, batch, iterations, residual, bad_input, failed):

@@ -184,7 +184,6 @@ def main():
                 (idf.GMRES(), "nan", False),
                 (idf.CG(), "nan", True),
                 (idf.CG(), "warn", False),
-                (idf.CG(), "raise", False),
             ]
         },
     }

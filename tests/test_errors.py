@@ -22,6 +22,10 @@ def test_bad_options():
         idf.ImplicitFunction(jnp.sqrt, sqrt_conditions, on_failure="ignore")
     with pytest.raises(TypeError, match="linear_solver"):
         idf.ImplicitFunction(jnp.sqrt, sqrt_conditions, linear_solver=lx.LU())
+    with pytest.raises(TypeError, match="preconditioner"):
+        idf.ImplicitFunction(jnp.sqrt, sqrt_conditions, linear_solver=idf.Jacobi())
+    with pytest.raises(TypeError, match="preconditioner"):
+        idf.CG(preconditioner=idf.Direct())
     with pytest.raises(ValueError, match="representation"):
         idf.ImplicitFunction(jnp.sqrt, sqrt_conditions, representation="dense")
     with pytest.raises(ValueError, match="check_conditions"):

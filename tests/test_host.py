@@ -105,15 +105,6 @@ def test_host_forward_of_implicit_function():
         np.testing.assert_allclose(grad, expected, rtol=1e-10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=jax.errors.TracerArrayConversionError,
-    reason="ImplicitFunction._hoist_closed_over_tracers evaluates the shape of the "
-    "forward with eqx.filter_eval_shape outside its try/except: a NumPy forward is "
-    "traced and fails (eqx.filter_closure_convert does not trace a function that "
-    "closes over no tracer, so the except clause is never reached). Remove this "
-    "marker once the core is fixed.",
-)
 def test_plain_numpy_forward_works_eagerly():
     """Out of jit the implicit function calls its forward on concrete values, so a
     NumPy forward needs no wrapping for grad and jacrev."""

@@ -158,3 +158,17 @@ def test_exception_in_raw_pure_callback_is_reported_with_its_traceback():
         jax.jit(jax.grad(lambda x: jnp.sum(f(x))))(jnp.ones(2)).block_until_ready()
     assert "host_step" in str(info.value)
     assert "ValueError: raw callback exploded" in str(info.value)
+
+
+def test_reverse_mode_with_a_condition_that_does_not_involve_x():
+    # y = {"root": √x, "double": 2√x}: the second condition, y₂ − 2y₁ = 0, has no x.
+    f = idf.ImplicitFunction(
+        lambda x: {"root": jnp.sqrt(x), "double": 2 * jnp.sqrt(x)},
+        lambda x, y: {
+            "root": y["root"] ** 2 - x,
+            "double": y["double"] - 2 * y["root"],
+        },
+    )
+    x = jnp.array([4.0, 9.0])
+    gradient = jax.grad(lambda x: jnp.sum(f(x)["double"]))(x)
+    np.testing.assert_allclose(gradient, 1 / np.sqrt(x))  # d(2√x)/dx

@@ -17,6 +17,7 @@ from ._on_host import (
     nan_like,
     thaw,
 )
+from ._preconditioner import AbstractPreconditioner
 
 _SETUPS = ("ruge_stuben", "smoothed_aggregation")
 _ACCELS = ("cg", "gmres", "bicgstab", None)
@@ -147,7 +148,7 @@ class AMG(AbstractLinearSolver):
 
         **Returns:**
 
-        An [`implicitdiff.AbstractLinearSolver`][] whose `solve` applies one
+        An [`implicitdiff.AbstractPreconditioner`][] whose `apply` runs one
         `cycle` (no tolerance, never NaN).
         """
         return AMGPreconditioner(self)
@@ -168,12 +169,12 @@ AMG.__init__.__doc__ = """**Arguments:**
 """
 
 
-class AMGPreconditioner(AbstractLinearSolver):
+class AMGPreconditioner(AbstractPreconditioner):
     """One cycle of an [`implicitdiff.AMG`][] hierarchy: an approximate inverse for
     Krylov solvers. Build it with `AMG(...).as_preconditioner()`.
 
     `presolve` builds (or finds in the cache) the same hierarchy as `AMG.presolve`;
-    `solve(state, r)` applies one cycle from a zero initial guess
+    `apply(state, r)` runs one cycle from a zero initial guess
     (`pyamg.MultilevelSolver.aspreconditioner`). It never returns NaN: should the
     setup or a cycle fail, it returns `r` unchanged (no preconditioning), and the
     Krylov solver's own convergence test decides; so it does for a large matrix
@@ -193,10 +194,10 @@ class AMGPreconditioner(AbstractLinearSolver):
         method = self._host_method()
         return method, host_presolve(method, A)
 
-    def solve(self, state, b):
+    def apply(self, state, r):
         method, host_state = state
         rebuild = host_state.values.size <= _REBUILD_MAX_VALUES
-        return host_solve(method, host_state, b, rebuild)
+        return host_solve(method, host_state, r, rebuild)
 
     def _cycle(self, csr, hierarchy, B):
         M = hierarchy.aspreconditioner(cycle=self.amg.cycle)

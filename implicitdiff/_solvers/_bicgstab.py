@@ -2,8 +2,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._base import AbstractLinearSolver
 from ._krylov import DEFAULTS_DOC, AbstractKrylovSolver, keep_unless, safe_divide
+from ._preconditioner import AbstractPreconditioner
 
 GOLDEN_ANGLE = 2.399963229728653  # radians: cos(k·angle) never repeats or vanishes
 OMEGA_MIN_COSINE = 0.7
@@ -30,7 +30,7 @@ class BiCGStab(AbstractKrylovSolver):
     rtol: float | None = None
     atol: float | None = None
     max_steps: int | None = None
-    preconditioner: AbstractLinearSolver | None = None
+    preconditioner: AbstractPreconditioner | None = None
 
     def _cycle(self, matvec, precondition, x, r, tol, steps_left):
         # Not r̂ = r, which breaks down at once on structured systems (r̂ᵀAr = 0 for a
@@ -102,7 +102,7 @@ BiCGStab.__init__.__doc__ = f"""**Arguments:**
 - `rtol`, `atol`: the solution is accepted when `‖b − A x‖₂ ≤ atol + rtol·‖b‖₂`, with
     `A x` computed anew after the iteration.
 - `max_steps`: the most steps (each two products with `A`) before giving up with NaN.
-- `preconditioner`: `None`, or an [`implicitdiff.AbstractLinearSolver`][] whose
+- `preconditioner`: `None`, or an [`implicitdiff.AbstractPreconditioner`][] whose
     `solve` approximates `A⁻¹` by a fixed linear map, such as
     [`implicitdiff.Jacobi`][] (applied on the right: the residual checked is that of
     the original system). It is presolved on the same operator as `BiCGStab`.

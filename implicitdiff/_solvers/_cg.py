@@ -2,8 +2,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._base import AbstractLinearSolver
 from ._krylov import DEFAULTS_DOC, AbstractKrylovSolver, keep_unless, safe_divide
+from ._preconditioner import AbstractPreconditioner
 
 
 class CG(AbstractKrylovSolver):
@@ -35,7 +35,7 @@ class CG(AbstractKrylovSolver):
     rtol: float | None = None
     atol: float | None = None
     max_steps: int | None = None
-    preconditioner: AbstractLinearSolver | None = None
+    preconditioner: AbstractPreconditioner | None = None
 
     def _cycle(self, matvec, precondition, x, r, tol, steps_left):
         def unfinished(carry):
@@ -67,7 +67,7 @@ CG.__init__.__doc__ = f"""**Arguments:**
 - `rtol`, `atol`: the solution is accepted when `‖b − A x‖₂ ≤ atol + rtol·‖b‖₂`, with
     `A x` computed anew after the iteration.
 - `max_steps`: the most steps (products with `A`) before giving up with NaN.
-- `preconditioner`: `None`, or an [`implicitdiff.AbstractLinearSolver`][] whose
+- `preconditioner`: `None`, or an [`implicitdiff.AbstractPreconditioner`][] whose
     `solve` approximates `A⁻¹` by a fixed symmetric positive definite linear map, such
     as [`implicitdiff.Jacobi`][]. It is presolved on the same operator as `CG`.
 

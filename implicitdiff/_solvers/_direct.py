@@ -1,7 +1,7 @@
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
-from .._misc import nan_unless, ravel, unravel
+from .._misc import nan_unless, proves_singular, ravel, unravel
 from ._base import AbstractLinearSolver
 
 
@@ -12,23 +12,34 @@ class Direct(AbstractLinearSolver):
     already did) and factorises it once; every `solve`, forward or transposed, is then
     two triangular solves. The right choice up to a few thousand unknowns.
 
-    The system counts as singular, and the solution is all NaN, when a pivot is at most
-    `n·ε` times the largest one (ε the machine precision of the dtype), or when the
-    matrix or the solution is not finite.
+    The system counts as numerically singular, and the solution is all NaN, when
+
+    - a pivot is at most `n·ε` times the largest one (ε the machine precision of the
+        dtype), or the matrix or the solution is not finite; or
+    - the solution itself proves the condition number `κ∞(A)` above `1/(n·ε)`: since
+        `‖x‖ ≤ ‖A⁻¹‖ ‖b‖`, `κ∞(A) ≥ ‖A‖∞ ‖x‖∞ / ‖b‖∞`. LU with partial pivoting
+        can miss a singular matrix (no small pivot) and return a finite `x` of
+        enormous norm whose residual looks fine; this cheap per-solve bound, with
+        the exact `‖A‖∞`, catches those.
     """
 
     def presolve(self, A, y):
         matrix = A.as_matrix()
+        n = matrix.shape[0]
+        eps = jnp.finfo(matrix.dtype).eps
         lu, pivots = jsl.lu_factor(matrix)
         pivot_size = jnp.abs(jnp.diag(lu))
-        tolerance = matrix.shape[0] * jnp.finfo(matrix.dtype).eps * jnp.max(pivot_size)
-        singular = ~jnp.all(jnp.isfinite(lu)) | (jnp.min(pivot_size) <= tolerance)
-        return lu, pivots, singular, A.in_structure()
+        singular = ~jnp.all(jnp.isfinite(lu)) | (
+            jnp.min(pivot_size) <= n * eps * jnp.max(pivot_size)
+        )
+        norm = jnp.max(jnp.sum(jnp.abs(matrix), axis=1))  # ‖A‖∞, exactly
+        return lu, pivots, singular, norm, A.in_structure()
 
     def solve(self, state, b):
-        lu, pivots, singular, x_structure = state
-        x = jsl.lu_solve((lu, pivots), ravel(b).astype(lu.dtype))
-        ok = ~singular & jnp.all(jnp.isfinite(x))
+        lu, pivots, singular, norm, x_structure = state
+        b_flat = ravel(b).astype(lu.dtype)
+        x = jsl.lu_solve((lu, pivots), b_flat)
+        ok = ~singular & jnp.all(jnp.isfinite(x)) & ~proves_singular(norm, x, b_flat)
         return unravel(nan_unless(ok, x), x_structure)
 
 

@@ -4,13 +4,13 @@ import jax.scipy.linalg as jsl
 import numpy as np
 from jax import lax
 
-from ._base import AbstractLinearSolver
 from ._krylov import (
     DEFAULTS_DOC,
     AbstractKrylovSolver,
     check_positive_int,
     safe_divide,
 )
+from ._preconditioner import AbstractPreconditioner
 
 
 class GMRES(AbstractKrylovSolver):
@@ -35,7 +35,7 @@ class GMRES(AbstractKrylovSolver):
     atol: float | None = None
     restart: int = eqx.field(default=20, static=True)
     max_steps: int | None = None
-    preconditioner: AbstractLinearSolver | None = None
+    preconditioner: AbstractPreconditioner | None = None
 
     def __check_init__(self):
         check_positive_int("GMRES", "restart", self.restart, allow_none=False)
@@ -137,7 +137,7 @@ GMRES.__init__.__doc__ = f"""**Arguments:**
     unknowns): memory `restart + 1` vectors, and `O(restart·n)` work per step.
 - `max_steps`: the most steps (products with `A`, over all cycles) before giving up
     with NaN.
-- `preconditioner`: `None`, or an [`implicitdiff.AbstractLinearSolver`][] whose
+- `preconditioner`: `None`, or an [`implicitdiff.AbstractPreconditioner`][] whose
     `solve` approximates `A⁻¹` by a fixed linear map, such as
     [`implicitdiff.Jacobi`][] or an algebraic multigrid cycle. It is applied on the
     right, so the residual minimised and checked is that of the original system. It is

@@ -2,10 +2,10 @@ import jax.numpy as jnp
 import lineax as lx
 
 from .._misc import ravel, unravel
-from ._base import AbstractLinearSolver
+from ._preconditioner import AbstractPreconditioner
 
 
-class Jacobi(AbstractLinearSolver):
+class Jacobi(AbstractPreconditioner):
     """The Jacobi (diagonal) preconditioner `M⁻¹ = diag(A)⁻¹`, for the `preconditioner`
     argument of [`implicitdiff.CG`][], [`implicitdiff.GMRES`][] and
     [`implicitdiff.BiCGStab`][].
@@ -16,12 +16,6 @@ class Jacobi(AbstractLinearSolver):
     matrix-free operator is materialised for it (`n` products with `A`), so on a
     large matrix-free problem pair it with `representation=idf.Sparse(...)`. Zero or
     non-finite diagonal entries are replaced by one (that unknown is left unscaled).
-
-    !!! warning
-
-        Its `solve` only *approximates* `A⁻¹`: it is not a linear solver on its own
-        and must not be passed as the `linear_solver` of an
-        [`implicitdiff.ImplicitFunction`][] (the derivatives would be wrong).
 
     !!! Example
 
@@ -37,9 +31,9 @@ class Jacobi(AbstractLinearSolver):
         usable = jnp.isfinite(diagonal) & (diagonal != 0)
         return jnp.where(usable, diagonal, 1), A.in_structure()
 
-    def solve(self, state, b):
+    def apply(self, state, r):
         diagonal, x_structure = state
-        return unravel(ravel(b) / diagonal, x_structure)
+        return unravel(ravel(r) / diagonal, x_structure)
 
 
 Jacobi.__init__.__doc__ = """**Arguments:** none."""

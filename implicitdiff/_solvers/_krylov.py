@@ -24,6 +24,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 from .. import _solve_log as solve_log
 from .._misc import nan_unless, ravel, size, unravel
 from ._base import AbstractLinearSolver
+from ._preconditioner import AbstractPreconditioner
 
 # Relative tolerance by the width of the floating-point type, about ε^(2/3): tight
 # enough for derivatives, loose enough to be reached by a problem with a condition
@@ -106,14 +107,14 @@ def flat_operator(A: lx.AbstractLinearOperator, dtype) -> FlatFn:
 
 
 def flat_preconditioner(
-    preconditioner: AbstractLinearSolver | None, state, A, dtype
+    preconditioner: AbstractPreconditioner | None, state, A, dtype
 ) -> FlatFn:
     """`v ↦ M⁻¹ v` on flat vectors: the identity without a preconditioner."""
     if preconditioner is None:
         return lambda v: v
     out_structure = A.out_structure()
     return lambda v: ravel(
-        preconditioner.solve(state, unravel(v, out_structure))
+        preconditioner.apply(state, unravel(v, out_structure))
     ).astype(dtype)
 
 
@@ -141,13 +142,13 @@ class AbstractKrylovSolver(AbstractLinearSolver):
     rtol: eqx.AbstractVar[float | None]
     atol: eqx.AbstractVar[float | None]
     max_steps: eqx.AbstractVar[int | None]
-    preconditioner: eqx.AbstractVar[AbstractLinearSolver | None]
+    preconditioner: eqx.AbstractVar[AbstractPreconditioner | None]
 
     def __check_init__(self):
         name = type(self).__name__
         check_tolerances(name, self.rtol, self.atol, self.max_steps)
         if self.preconditioner is not None and not isinstance(
-            self.preconditioner, AbstractLinearSolver
+            self.preconditioner, AbstractPreconditioner
         ):
             raise TypeError(
                 f"{name}: `preconditioner` must be None or an "

@@ -1,7 +1,16 @@
+import jax
 import jax.numpy as jnp
 import lineax as lx
 
-from .._misc import all_finite, nan_unless
+from .._misc import (
+    all_finite,
+    nan_unless,
+    operator_norm_lower_bound,
+    probes,
+    ravel,
+    size,
+    unravel,
+)
 from ._base import AbstractLinearSolver
 
 
@@ -12,6 +21,13 @@ class Lineax(AbstractLinearSolver):
     `solve` its `compute`. Whatever lineax reports as unsuccessful (singular,
     max steps reached, breakdown, stagnation) becomes an all-NaN solution, as does a
     non-finite one; nothing is ever raised from inside the backward pass.
+
+    lineax's direct solvers accept numerically singular matrices whose factorisation
+    shows no zero pivot, and return a finite, wrong answer. So `presolve` also solves
+    for four fixed probe vectors (one batched solve) and bounds the condition number
+    from below, `κ∞(A) ≥ ‖A p‖∞ ‖A⁻¹ q‖∞`; above `1/(n·ε)` every solution is NaN.
+    With a lineax *iterative* solver that costs a batched solve per linearisation
+    point: prefer [`implicitdiff.GMRES`][] and friends there.
 
     !!! Example
 
@@ -34,12 +50,30 @@ class Lineax(AbstractLinearSolver):
             )
 
     def presolve(self, A, y):
-        options = {} if self.options is None else self.options
-        return self.solver.init(A, options)
+        state = self.solver.init(A, self._options)
+        # κ∞(A) ≥ ‖A p‖∞ ‖A⁻¹ q‖∞ for probes of ∞-norm 1: one batched solve that
+        # catches the numerically singular matrices lineax's solvers accept.
+        b_structure = A.out_structure()
+        inverse_products = jax.vmap(
+            lambda q: ravel(self._solve(state, unravel(q, b_structure)))
+        )(probes(b_structure))
+        inverse_norm = jnp.max(jnp.abs(inverse_products))
+        condition = operator_norm_lower_bound(A) * inverse_norm
+        eps = jnp.finfo(inverse_products.dtype).eps
+        singular = ~(condition * size(y) * eps <= 1)  # NaN counts as singular
+        return state, singular
 
     def solve(self, state, b):
-        options = {} if self.options is None else self.options
-        x, result, _ = self.solver.compute(state, b, options)
+        state, singular = state
+        x = self._solve(state, b)
+        return nan_unless(~singular & all_finite(x), x)
+
+    @property
+    def _options(self) -> dict:
+        return {} if self.options is None else self.options
+
+    def _solve(self, state, b):
+        x, result, _ = self.solver.compute(state, b, self._options)
         ok = jnp.asarray(result == lx.RESULTS.successful) & all_finite(x)
         return nan_unless(ok, x)
 

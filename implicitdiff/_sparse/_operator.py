@@ -48,6 +48,7 @@ class SparsityPattern:
 
     @property
     def nnz(self) -> int:
+        """The number of stored entries."""
         return int(self.rows.size)
 
     def __hash__(self):
@@ -72,6 +73,7 @@ class SparsityPattern:
 
     @ft.cached_property
     def T(self) -> "SparsityPattern":
+        """The pattern of the transpose."""
         perm = self.transpose_permutation  # lists it in CSR order already
         return SparsityPattern(self.cols[perm], self.rows[perm], self.shape[::-1])
 
@@ -194,11 +196,13 @@ class SparseLinearOperator(lx.AbstractLinearOperator):
 
     @property
     def bcoo(self) -> jsparse.BCOO:
+        """The matrix as a `jax.experimental.sparse.BCOO`."""
         indices = np.stack([self.pattern.rows, self.pattern.cols], axis=1)
         return jsparse.BCOO((self.data, jnp.asarray(indices)), shape=self.pattern.shape)
 
     @property
     def bcsr(self) -> jsparse.BCSR:
+        """The matrix as a `jax.experimental.sparse.BCSR`."""
         return jsparse.BCSR(
             (
                 self.data,

@@ -1,0 +1,111 @@
+"""check_conditions=tol: ‖c(x, y)‖ ≤ tol·(1 + ‖y‖) at the forward's output, else the
+on_failure policy. (The basic nan/warn/raise behaviour is in test_failure_policy.py.)"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import implicitdiff as idf
+
+jax.config.update("jax_enable_x64", True)
+
+
+def off_by(delta):
+    """A forward whose output misses c(x, y) = y − x by exactly ‖c‖ = delta (in its
+    first element): the check's threshold can be placed on either side of it."""
+    return idf.ImplicitFunction(
+        lambda x: x.at[0].add(delta),
+        lambda x, y: y - x,
+        check_conditions=1e-3,
+        on_failure="nan",
+    )
+
+
+@pytest.mark.parametrize("side", [-1, 1])
+def test_threshold_is_tol_times_one_plus_norm_y(side):
+    x = jnp.array([3.0, 4.0])  # ‖y‖ ≈ 5
+    # The threshold is 1e-3·(1 + ‖y‖); put ‖c‖ 1% below (side = −1) or above it.
+    y_norm = float(np.linalg.norm(np.asarray(x)))  # ‖x + δe₀‖ to first order
+    delta = 1e-3 * (1 + y_norm) * (1 + side * 0.01)
+    y = jax.jit(off_by(delta))(x)
+    if side < 0:
+        np.testing.assert_allclose(y, x.at[0].add(delta))
+    else:
+        assert bool(jnp.all(jnp.isnan(y)))
+
+
+def test_derivatives_are_nan_too_when_the_check_fails():
+    f = off_by(1.0)  # far above the threshold
+    x = jnp.array([3.0, 4.0])
+    assert bool(jnp.all(jnp.isnan(jax.jit(f)(x))))
+    gradient = jax.jit(jax.grad(lambda x: jnp.sum(f(x))))(x)
+    assert bool(jnp.all(jnp.isnan(gradient))), gradient
+
+
+def test_per_problem_under_vmap_with_pytrees_byproduct_and_args():
+    # y = {"root": √(x·s), "shifted": 2·√(x·s) + x}, with s an extra argument and a
+    # byproduct holding the Newton step count; the forward stops after `steps`, so
+    # only the problem given too few steps fails its check.
+    def forward(x, steps, s):
+        def newton(_, r):
+            return r - (r**2 - x * s) / (2 * r)
+
+        r = jax.lax.fori_loop(0, steps, newton, jnp.ones_like(x))
+        return {"root": r, "shifted": 2 * r + x}, steps
+
+    def conditions(x, y, z, steps, s):  # z, the byproduct, is the step count too
+        return {
+            "root": y["root"] ** 2 - x * s,
+            "shifted": y["shifted"] - 2 * y["root"] - x,
+        }
+
+    f = idf.ImplicitFunction(
+        forward, conditions, has_byproduct=True, check_conditions=1e-10
+    )
+    x = jnp.array([[2.0, 3.0], [2.0, 3.0], [5.0, 7.0]])
+    steps = jnp.array([40, 2, 40])  # the middle problem stops after two steps
+    s = jnp.array([1.5, 1.5, 0.5])
+
+    def loss(x, steps, s):
+        y, _ = f(x, steps, s)
+        return jnp.sum(y["root"]) + jnp.sum(y["shifted"])
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 2))))(x, steps, s)
+    assert any("does not satisfy the conditions" in str(w.message) for w in caught)
+    # d/dx (3√(x s) + x) = 1.5 √(s/x) + 1, d/ds = 1.5 Σ √(x/s), for the problems
+    # that passed.
+    for i in (0, 2):
+        expected = 1.5 * np.sqrt(s[i] / x[i]) + 1
+        np.testing.assert_allclose(grads[0][i], expected, rtol=1e-10)
+        np.testing.assert_allclose(
+            grads[1][i], 1.5 * np.sum(np.sqrt(x[i] / s[i])), rtol=1e-10
+        )
+    assert bool(jnp.all(jnp.isnan(grads[0][1]))) and bool(jnp.isnan(grads[1][1]))
+
+
+def test_float32_and_the_solve_log_blames_the_forward_not_the_solver():
+    x = jnp.array([4.0, 9.0], jnp.float32)
+
+    def stopped_early(x):
+        return jnp.sqrt(x) * (1 + 1e-3)
+
+    for forward, expected in (
+        (jnp.sqrt, "converged"),
+        (stopped_early, "non-finite input"),
+    ):
+        f = idf.ImplicitFunction(
+            forward, lambda x, y: y**2 - x, check_conditions=1e-5, on_failure="nan"
+        )
+        with idf.SolveLog() as log:
+            gradient = jax.jit(jax.grad(lambda x: jnp.sum(f(x))))(x)
+        assert gradient.dtype == jnp.float32
+        assert [entry.status for entry in log] == [expected]
+        if expected == "converged":
+            np.testing.assert_allclose(gradient, 0.5 / np.sqrt(x), rtol=1e-6)
+        else:  # NaN y: the solve gets a NaN right-hand side, not a failure of its own
+            assert bool(jnp.all(jnp.isnan(gradient)))
