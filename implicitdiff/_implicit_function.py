@@ -32,10 +32,10 @@ from . import _solve_log as solve_log
 from ._failure import ON_FAILURE_CHOICES, CallSite, OnFailure, apply_policy
 from ._misc import (
     all_finite,
+    credible,
     is_inexact_array,
     nan_unless,
     operator_norm_lower_bound,
-    proves_singular,
     ravel,
     structure,
     unravel,
@@ -342,7 +342,7 @@ def solve_with_presolve(
     `vmap` since it does not depend on the right-hand side) and the VJP direction
     transposes it; the `vecmat` that JAX offers to `transpose_solve` is not needed.
     Whatever the solver, a solution that proves `A` numerically singular (see
-    `proves_singular`) is rejected too: a safety net under the NaN contract.
+    `credible`) is rejected too: a safety net under the NaN contract.
     Then the failure policy: a solution with any NaN is all NaN, and a failure from a
     finite right-hand side and operator (`operator_finite`, a flag) warns or raises as
     `on_failure` says.
@@ -367,7 +367,7 @@ def solve_with_presolve(
             x = solve_log.solve(solver, state, operator, b, direction)
             # All NaN, even if a solver NaNs only a part, or returns the huge finite
             # answer of a numerically singular system.
-            solved = all_finite(x) & ~proves_singular(norm_bound, x, b)
+            solved = credible(norm_bound, x, b)
             x = nan_unless(solved, x)
             # NaN in, NaN out is not a failure.
             failed = ~solved & all_finite(b) & operator_finite

@@ -76,17 +76,26 @@ def operator_norm_lower_bound(operator) -> Float[Array, ""]:
     return jnp.max(jnp.abs(products))
 
 
-def proves_singular(
+def max_abs(tree: PyTree[Array]) -> Float[Array, ""]:
+    """`max |element|` over all leaves: NaN if any element is NaN, 0 if empty."""
+    return jnp.max(jnp.abs(ravel(tree)), initial=0)
+
+
+def credible(
     norm_bound: Float[Array, ""], x: PyTree[Array], b: PyTree[Array]
 ) -> Bool[Array, ""]:
-    """Whether the solution `x` of `A x = b` proves `κ∞(A) > 1/(n·ε)`.
+    """Whether `x` can be the solution of `A x = b`, given `norm_bound ≤ ‖A‖∞`:
+    `x` and `b` finite, and `x` not proving `κ∞(A) > 1/(n·ε)`.
 
-    `‖x‖ ≤ ‖A⁻¹‖ ‖b‖`, so `κ∞(A) = ‖A‖∞ ‖A⁻¹‖∞ ≥ norm_bound·‖x‖∞ / ‖b‖∞` for any
-    `norm_bound ≤ ‖A‖∞`. Past `1/(n·ε)` the system is numerically singular and `x`
-    carries no correct digit: LU with partial pivoting can return such an `x`, finite
-    and with a small residual, from a singular matrix that had no small pivot.
+    `‖x‖ ≤ ‖A⁻¹‖ ‖b‖`, so `κ∞(A) = ‖A‖∞ ‖A⁻¹‖∞ ≥ norm_bound·‖x‖∞ / ‖b‖∞`. Past
+    `1/(n·ε)` the system is numerically singular and `x` carries no correct digit:
+    LU with partial pivoting can return such an `x`, finite and with a small
+    residual, from a singular matrix that had no small pivot. `norm_bound = inf`
+    accepts only `x = 0`. One reduction over `x` and one over `b`: NaN and inf
+    propagate through `max_abs` and fail the comparison.
     """
-    x_flat, b_flat = ravel(x), ravel(b)
-    eps = jnp.finfo(x_flat.dtype).eps
-    x_norm = jnp.max(jnp.abs(x_flat), initial=0)
-    return norm_bound * x_norm * x_flat.size * eps > jnp.max(jnp.abs(b_flat), initial=0)
+    x_max, b_max = max_abs(x), max_abs(b)
+    n = size(x)
+    eps = jnp.finfo(jnp.result_type(*jax.tree.leaves(x))).eps
+    bounded = (norm_bound * (n * eps) * x_max <= b_max) | (x_max == 0)
+    return jnp.isfinite(b_max) & bounded

@@ -1,7 +1,7 @@
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
-from .._misc import nan_unless, proves_singular, ravel, unravel
+from .._misc import credible, nan_unless, ravel, unravel
 from ._base import AbstractLinearSolver
 
 
@@ -26,21 +26,19 @@ class Direct(AbstractLinearSolver):
     def presolve(self, A, y):
         matrix = A.as_matrix()
         n = matrix.shape[0]
-        eps = jnp.finfo(matrix.dtype).eps
         lu, pivots = jsl.lu_factor(matrix)
         pivot_size = jnp.abs(jnp.diag(lu))
-        singular = ~jnp.all(jnp.isfinite(lu)) | (
-            jnp.min(pivot_size) <= n * eps * jnp.max(pivot_size)
-        )
-        norm = jnp.max(jnp.sum(jnp.abs(matrix), axis=1))  # ‖A‖∞, exactly
-        return lu, pivots, singular, norm, A.in_structure()
+        eps = jnp.finfo(matrix.dtype).eps
+        singular = jnp.min(pivot_size) <= n * eps * jnp.max(pivot_size)
+        # ‖A‖∞ exactly; infinite for a singular matrix, so that only x = 0 passes.
+        norm = jnp.where(singular, jnp.inf, jnp.max(jnp.sum(jnp.abs(matrix), axis=1)))
+        return lu, pivots, norm, A.in_structure()
 
     def solve(self, state, b):
-        lu, pivots, singular, norm, x_structure = state
+        lu, pivots, norm, x_structure = state
         b_flat = ravel(b).astype(lu.dtype)
-        x = jsl.lu_solve((lu, pivots), b_flat)
-        ok = ~singular & jnp.all(jnp.isfinite(x)) & ~proves_singular(norm, x, b_flat)
-        return unravel(nan_unless(ok, x), x_structure)
+        x = jsl.lu_solve((lu, pivots), b_flat)  # NaN in lu or b makes x NaN
+        return unravel(nan_unless(credible(norm, x, b_flat), x), x_structure)
 
 
 Direct.__init__.__doc__ = """**Arguments:** none."""
