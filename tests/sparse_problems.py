@@ -88,3 +88,24 @@ def linear_solve_loss(solver, matrix):
         return jnp.sum(jnp.sin(jnp.linalg.solve(A, b)))
 
     return sparse_loss, dense_loss, jnp.asarray(coo.data)
+
+
+def check_implicit_derivatives(solver, matrix, rng):
+    """jacrev, jacfwd and vmap(grad) of the cubic problem with `solver`, under one jit,
+    against the analytic Jacobian."""
+    problem = CubicProblem(matrix)
+    f = problem.implicit(solver, on_failure="raise")
+    x = jnp.linspace(-2.0, 3.0, 16)
+    xs = jnp.stack([x, 0.5 * x])
+    weights = jnp.asarray(rng.normal(size=16))
+    grad = jax.grad(lambda x: weights @ f(x))
+
+    @jax.jit  # one compilation for the three transforms
+    def derivatives(x, xs):
+        return jax.jacrev(f)(x), jax.jacfwd(f)(x), jax.vmap(grad)(xs)
+
+    jacrev, jacfwd, grads = derivatives(x, xs)
+    assert_relative_error(jacrev, problem.jacobian(x), 1e-8)
+    assert_relative_error(jacfwd, problem.jacobian(x), 1e-8)
+    for grad_i, x_i in zip(grads, xs, strict=True):
+        assert_relative_error(grad_i, weights @ problem.jacobian(x_i), 1e-8)

@@ -10,6 +10,7 @@ import pytest
 from sparse_problems import (
     CubicProblem,
     assert_relative_error,
+    check_implicit_derivatives,
     grid_matrix,
     linear_solve_loss,
     sparse_operator,
@@ -84,22 +85,7 @@ def test_batch_of_matrices_survives_eviction(monkeypatch):
 
 @pytest.mark.parametrize("method", ["splu", "gmres"])
 def test_implicit_function_derivatives(method):
-    problem = CubicProblem(NONSYMMETRIC)
-    f = problem.implicit(idf.SciPy(method), on_failure="raise")
-    x = jnp.linspace(-2.0, 3.0, 16)
-    xs = jnp.stack([x, 0.5 * x])
-    weights = jnp.asarray(RNG.normal(size=16))
-    grad = jax.grad(lambda x: weights @ f(x))
-
-    @jax.jit  # one compilation for the three transforms
-    def derivatives(x, xs):
-        return jax.jacrev(f)(x), jax.jacfwd(f)(x), jax.vmap(grad)(xs)
-
-    jacrev, jacfwd, grads = derivatives(x, xs)
-    assert_relative_error(jacrev, problem.jacobian(x), 1e-8)
-    assert_relative_error(jacfwd, problem.jacobian(x), 1e-8)
-    for grad_i, x_i in zip(grads, xs, strict=True):
-        assert_relative_error(grad_i, weights @ problem.jacobian(x_i), 1e-8)
+    check_implicit_derivatives(idf.SciPy(method), NONSYMMETRIC, RNG)
 
 
 def test_linear_solve_gradients():
