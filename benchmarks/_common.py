@@ -76,7 +76,17 @@ def peak_memory_mb(compiled) -> float | None:
     return total / 2**20
 
 
-def _calls_per_sample(compiled, args, min_sample_s: float) -> int:
+def _run(compiled, args, number: int, pipelined: bool) -> None:
+    if pipelined:
+        for _ in range(number):
+            out = compiled(*args)
+        jax.block_until_ready(out)
+    else:
+        for _ in range(number):
+            jax.block_until_ready(compiled(*args))
+
+
+def _calls_per_sample(compiled, args, min_sample_s: float, pipelined: bool) -> int:
     """How many calls make one timing sample of at least `min_sample_s` (1 when it is
     0 or a single call is that slow).
 
@@ -89,32 +99,31 @@ def _calls_per_sample(compiled, args, min_sample_s: float) -> int:
         return 1
     fastest = math.inf
     for _ in range(3):
-        calls, start = 0, time.perf_counter()
-        while True:
-            jax.block_until_ready(compiled(*args))
-            calls += 1
+        number, elapsed = 1, 0.0
+        while elapsed < min_sample_s / 4 and number <= 10_000:
+            start = time.perf_counter()
+            _run(compiled, args, number, pipelined)
             elapsed = time.perf_counter() - start
-            if elapsed >= min_sample_s / 4 or calls >= 10_000:
-                break
-        if elapsed / calls >= min_sample_s:
+            per_call = elapsed / number
+            number *= 4
+        if per_call >= min_sample_s:
             return 1
-        fastest = min(fastest, elapsed / calls)
+        fastest = min(fastest, per_call)
     return math.ceil(min_sample_s / fastest)
 
 
-def _sample(compiled, args, number: int) -> float:
-    # Each call is waited for before the next: this measures latency, and it keeps
-    # one execution in flight at a time. (With several in flight, jaxlib's batched
-    # LAPACK kernels, which wait for sub-tasks on XLA's intra-op thread pool, were
-    # seen to deadlock on a 2-core machine.)
+def _sample(compiled, args, number: int, pipelined: bool) -> float:
     start = time.perf_counter()
-    for _ in range(number):
-        jax.block_until_ready(compiled(*args))
+    _run(compiled, args, number, pipelined)
     return (time.perf_counter() - start) / number
 
 
 def measure_all(
-    fns: dict[str, Callable], *args, repeats: int = 5, min_sample_s: float = 0.02
+    fns: dict[str, Callable],
+    *args,
+    repeats: int = 5,
+    min_sample_s: float = 0.02,
+    pipelined: bool = False,
 ) -> dict[str, Timing]:
     """Compiles every function of `fns` for `args` and times them *interleaved*.
 
@@ -123,6 +132,13 @@ def measure_all(
     that each time every function once in turn, and the median seconds per call.
     Interleaving keeps the ratios between functions robust to a load that changes
     during the run (a shared machine): every function sees the same conditions.
+
+    By default each call is waited for before the next (latency): one execution in
+    flight at a time, as several in flight were seen to deadlock jaxlib 0.10.2's
+    batched LAPACK kernels (they wait for sub-tasks on XLA's intra-op thread pool).
+    `pipelined=True` dispatches a sample's calls back to back and waits once
+    (throughput, as a loop of small jitted calls runs): for microsecond functions,
+    where waking the waiting thread after every call would dominate and add noise.
     """
     compiled, outputs, numbers, compile_s, samples = {}, {}, {}, {}, {}
     failures = {}
@@ -133,11 +149,13 @@ def measure_all(
         except Exception as error:  # a peer that cannot run this case: report it
             failures[name] = Timing.failed(error)
             continue
-        numbers[name] = _calls_per_sample(compiled[name], args, min_sample_s)
+        numbers[name] = _calls_per_sample(compiled[name], args, min_sample_s, pipelined)
         samples[name] = []
     for _ in range(repeats):
         for name in samples:
-            samples[name].append(_sample(compiled[name], args, numbers[name]))
+            samples[name].append(
+                _sample(compiled[name], args, numbers[name], pipelined)
+            )
     return {
         name: failures[name]
         if name in failures

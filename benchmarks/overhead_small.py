@@ -15,7 +15,10 @@ solver `Auto` → `Direct`, `on_failure="warn"`); jaxopt's `custom_root` with it
 default `solve_normal_cg`; optimistix `root_find` with its default `ImplicitAdjoint()`.
 Diagnostic rows: the forward alone, and implicitdiff with `on_failure="nan"` (no
 failure check) to show what the default policy costs. Ratios are against the
-hand-written derivative, times interleaved in the same run.
+hand-written derivative, times interleaved in the same run. Each sample is a
+pipelined loop of calls (throughput per call, dispatch included), as a training loop
+of small jitted calls runs; waiting for each call would add a thread wake-up of tens
+of µs to every LAPACK call and bury the differences in noise.
 """
 
 import jax
@@ -205,7 +208,9 @@ def run(quick: bool) -> list[dict]:
     rows = []
     for problem in problems():
         exact = problem.exact
-        timings = C.measure_all(problem.methods(), *problem.inputs, repeats=repeats)
+        timings = C.measure_all(
+            problem.methods(), *problem.inputs, repeats=repeats, pipelined=True
+        )
         hand = timings[HAND]
         for name, timing in timings.items():
             forward_only = name.startswith("forward only")
