@@ -248,24 +248,26 @@ def main():
         xticks=[],
         yticks=[],
     )
-    axes[1].plot(n, mem_unrolled, "o-", label="backprop through iterations")
-    axes[1].plot(n, mem_implicit, "s-", label="implicit (idf.ImplicitFunction)")
-    axes[1].set(
-        xscale="log",
-        yscale="log",
-        xlabel="forward iterations",
-        ylabel="peak memory of a gradient (MB)",
-        title="Memory",
-    )
-    axes[2].plot(n, t_unrolled, "o-", label="backprop through iterations")
-    axes[2].plot(n, t_implicit, "s-", label="implicit (idf.ImplicitFunction)")
-    axes[2].set(
-        xscale="log",
-        yscale="log",
-        xlabel="forward iterations",
-        ylabel="time per gradient (ms)",
-        title="Time (CPU)",
-    )
+    panels = [
+        (
+            axes[1],
+            mem_unrolled,
+            mem_implicit,
+            "peak memory of a gradient (MB)",
+            "Memory",
+        ),
+        (axes[2], t_unrolled, t_implicit, "time per gradient (ms)", "Time (CPU)"),
+    ]
+    for axis, unrolled, implicit, ylabel, title in panels:
+        axis.plot(n, unrolled, "o-", label="backprop through iterations")
+        axis.plot(n, implicit, "s-", label="implicit (idf.ImplicitFunction)")
+        axis.set(
+            xscale="log",
+            yscale="log",
+            xlabel="forward iterations",
+            ylabel=ylabel,
+            title=title,
+        )
     axes[1].legend()
     save_figure(fig, "deep_equilibrium")
     checks.finish()
