@@ -212,6 +212,24 @@ def timed_row(suite, case, method, timing: Timing, error, **fields) -> dict:
     )
 
 
+def timed_rows(suite, case, timings: dict, exact, reference: str, **fields):
+    """`timed_row` for every method of `timings`: its relative error against `exact`
+    and its time as a ratio of the `reference` method's."""
+    reference_time = timings[reference].time_s
+    return [
+        timed_row(
+            suite,
+            case,
+            name,
+            timing,
+            lambda out: rel_error(out, exact),
+            ratio=ratio(timing.time_s, reference_time),
+            **fields,
+        )
+        for name, timing in timings.items()
+    ]
+
+
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     """`numerator / denominator`, None when either is missing (a failed run)."""
     if numerator is None or not denominator:

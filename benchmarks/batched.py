@@ -87,19 +87,7 @@ def methods() -> dict:
 
 def measure_rows(case, inputs, exact, repeats, **fields) -> list[dict]:
     timings = C.measure_all(methods(), *inputs, repeats=repeats)
-    hand = timings[HAND].time_s
-    return [
-        C.timed_row(
-            SUITE,
-            case,
-            name,
-            timing,
-            lambda out: C.rel_error(out, exact),
-            ratio=C.ratio(timing.time_s, hand),
-            **fields,
-        )
-        for name, timing in timings.items()
-    ]
+    return C.timed_rows(SUITE, case, timings, exact, HAND, **fields)
 
 
 def sizes(quick: bool) -> tuple[int, int]:

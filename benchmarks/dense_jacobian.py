@@ -120,15 +120,7 @@ def run(quick: bool) -> list[dict]:
                     fns[name] = jac(fn, argnums=0)
             repeats = 3 if quick else (7 if n < 1000 else 5)
             timings = C.measure_all(fns, *args, repeats=repeats)
-            limit_time = timings[LIMIT].time_s
-            for name, timing in timings.items():
-                error = lambda out: C.rel_error(out, exact)  # noqa: E731
-                ratio = C.ratio(timing.time_s, limit_time)
-                rows.append(
-                    C.timed_row(
-                        SUITE, case, name, timing, error, n=n, mode=mode, ratio=ratio
-                    )
-                )
+            rows += C.timed_rows(SUITE, case, timings, exact, LIMIT, n=n, mode=mode)
     return rows
 
 

@@ -132,20 +132,15 @@ def run(quick: bool) -> list[dict]:
     for steps in all_steps:
         case = f"K={steps} (width {width}, batch {batch})"
         timings = C.measure_all(methods(steps), *args, repeats=repeats)
-        unrolled = timings[UNROLLED].time_s
-        for name, timing in timings.items():
-            rows.append(
-                C.timed_row(
-                    SUITE,
-                    case,
-                    name,
-                    timing,
-                    lambda out: C.rel_error(out, exact),
-                    steps=steps,
-                    ratio=C.ratio(timing.time_s, unrolled),
-                    note="ratio: time vs unrolled backprop",
-                )
-            )
+        rows += C.timed_rows(
+            SUITE,
+            case,
+            timings,
+            exact,
+            UNROLLED,
+            steps=steps,
+            note="ratio: time vs unrolled backprop",
+        )
     return rows
 
 

@@ -249,7 +249,7 @@ class ImplicitFunction(eqx.Module):
         if not leaves or not all(_is_inexact(leaf) for leaf in leaves):
             raise TypeError(
                 "ImplicitFunction: `forward` must return y as a non-empty pytree of "
-                f"floating-point arrays; got {structure_or_repr(y)}."
+                f"floating-point arrays; got {_structure_or_repr(y)}."
             )
         return y, z
 
@@ -297,31 +297,19 @@ class ImplicitFunction(eqx.Module):
 
 def _linear_solve(A, rhs, y, y_finite, solver, representation, on_failure, site):
     """Solves `A ẏ = rhs` in a way JAX can transpose, with presolve inside."""
+    matvec = A
+    make_operator = lambda b_struct: representation.operator(matvec, b_struct)
     if isinstance(solver, LeastSquares):
         # Normal equations AᵀA ẏ = Aᵀ rhs: square and symmetric, so custom_linear_solve
         # applies and the transpose (a VJP) is the minimum-norm solve of Aᵀu = v.
         At = jax.linear_transpose(A, y)
-        normal = lambda v: At(A(v))[0]  # noqa: E731
-        return solve_with_presolve(
-            normal,
-            At(rhs)[0],
-            lambda b_struct: lx.TaggedLinearOperator(
-                representation.operator(normal, b_struct),
-                (lx.symmetric_tag, lx.positive_semidefinite_tag),
-            ),
-            solver,
-            on_failure,
-            site,
-            operator_finite=y_finite,
+        matvec, rhs = (lambda v: At(A(v))[0]), At(rhs)[0]
+        make_operator = lambda b_struct: lx.TaggedLinearOperator(
+            representation.operator(matvec, b_struct),
+            (lx.symmetric_tag, lx.positive_semidefinite_tag),
         )
     return solve_with_presolve(
-        A,
-        rhs,
-        lambda b_struct: representation.operator(A, b_struct),
-        solver,
-        on_failure,
-        site,
-        operator_finite=y_finite,
+        matvec, rhs, make_operator, solver, on_failure, site, operator_finite=y_finite
     )
 
 
@@ -422,7 +410,7 @@ def _zero_tangent(leaf):
     return np.zeros(leaf.shape, jax.dtypes.float0)
 
 
-def structure_or_repr(tree):
+def _structure_or_repr(tree):
     try:
         return structure(tree)
     except Exception:
