@@ -298,25 +298,24 @@ class ImplicitFunction(eqx.Module):
 def _linear_solve(A, rhs, y, y_finite, solver, representation, on_failure, site):
     """Solves `A ẏ = rhs` in a way JAX can transpose, with presolve inside."""
     matvec = A
-    make_operator = lambda b_struct: representation.operator(matvec, b_struct)
     if isinstance(solver, LeastSquares):
         # Normal equations AᵀA ẏ = Aᵀ rhs: square and symmetric, so custom_linear_solve
         # applies and the transpose (a VJP) is the minimum-norm solve of Aᵀu = v.
         At = jax.linear_transpose(A, y)
         matvec, rhs = (lambda v: At(A(v))[0]), At(rhs)[0]
-        make_operator = lambda b_struct: lx.TaggedLinearOperator(
-            representation.operator(matvec, b_struct),
-            (lx.symmetric_tag, lx.positive_semidefinite_tag),
-        )
+    operator = representation.operator(matvec, structure(rhs))
+    if isinstance(solver, LeastSquares):
+        tags = (lx.symmetric_tag, lx.positive_semidefinite_tag)
+        operator = lx.TaggedLinearOperator(operator, tags)
     return solve_with_presolve(
-        matvec, rhs, make_operator, solver, on_failure, site, operator_finite=y_finite
+        matvec, rhs, operator, solver, on_failure, site, operator_finite=y_finite
     )
 
 
 def solve_with_presolve(
     matvec,
     rhs,
-    make_operator,
+    operator,
     solver,
     on_failure,
     site,
@@ -325,10 +324,12 @@ def solve_with_presolve(
 ):
     """`lax.custom_linear_solve` whose solve and transpose solve each presolve once.
 
-    Both directions build the operator of `A` with `make_operator(structure)` (one
-    assembly per linearisation point, only in the direction in use, unbatched under
-    `vmap` since it does not depend on the right-hand side) and the VJP direction
-    transposes it; the `vecmat` that JAX offers to `transpose_solve` is not needed.
+    `operator` represents `matvec` (built once per linearisation point, outside, so
+    that the sparse representation detects and assembles once for both directions).
+    The solve and the transpose solve each run the solver's presolve on it (on its
+    transpose for the VJP), only in the direction in use and unbatched under `vmap`,
+    as it does not depend on the right-hand side; the `vecmat` that JAX offers to
+    `transpose_solve` is not needed.
     Whatever the solver, a solution that proves `A` numerically singular (see
     `credible`) is rejected too: a safety net under the NaN contract.
     Then the failure policy: a solution with any NaN is all NaN, and a failure from a
@@ -347,12 +348,10 @@ def solve_with_presolve(
 
         def run(_, b):
             b_struct = structure(b)
-            operator = make_operator(b_struct)
-            if transpose:
-                operator = operator.transpose()
-            state = solve_log.presolve(solver, operator, b_struct, direction)
-            norm_bound = operator_norm_lower_bound(operator)
-            x = solve_log.solve(solver, state, operator, b, direction)
+            A = operator.transpose() if transpose else operator
+            state = solve_log.presolve(solver, A, b_struct, direction)
+            norm_bound = operator_norm_lower_bound(A)
+            x = solve_log.solve(solver, state, A, b, direction)
             # All NaN, even if a solver NaNs only a part, or returns the huge finite
             # answer of a numerically singular system.
             solved = credible(norm_bound, x, b)

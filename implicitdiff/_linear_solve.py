@@ -88,7 +88,7 @@ def linear_solve(
     x = solve_with_presolve(
         flat.mv,
         b_flat.astype(dtype),
-        lambda _: flat,
+        flat,
         solver,
         on_failure,
         CallSite.of_caller(),

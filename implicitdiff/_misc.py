@@ -1,8 +1,11 @@
 """Small pytree helpers shared by the implicit rule and the solvers."""
 
+import functools as ft
+
 import jax
 import jax.flatten_util as jfu
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
 from jaxtyping import Array, Bool, Float, PyTree
 
@@ -66,9 +69,11 @@ def probes(structure: PyTree[jax.ShapeDtypeStruct]) -> Float[Array, "4 n"]:
     )
 
 
+@ft.singledispatch
 def operator_norm_lower_bound(operator) -> Float[Array, ""]:
-    """A lower bound of `‖A‖∞`: the largest `‖A p‖∞` over the `probes`, in one
-    batched product."""
+    """A lower bound of `‖A‖∞`: for a matrix-free operator the largest `‖A p‖∞` over
+    the `probes`, in one batched product; exact (the largest absolute row sum) for an
+    operator that stores its matrix, which registers its own rule."""
     in_structure = operator.in_structure()
     products = jax.vmap(lambda p: ravel(operator.mv(unravel(p, in_structure))))(
         probes(in_structure)
@@ -99,3 +104,13 @@ def credible(
     eps = jnp.finfo(jnp.result_type(*jax.tree.leaves(x))).eps
     bounded = (norm_bound * (n * eps) * x_max <= b_max) | (x_max == 0)
     return jnp.isfinite(b_max) & bounded
+
+
+@operator_norm_lower_bound.register(lx.MatrixLinearOperator)
+def _(operator) -> Float[Array, ""]:
+    return jnp.max(jnp.sum(jnp.abs(operator.matrix), axis=1), initial=0)
+
+
+@operator_norm_lower_bound.register(lx.TaggedLinearOperator)
+def _(operator) -> Float[Array, ""]:
+    return operator_norm_lower_bound(operator.operator)

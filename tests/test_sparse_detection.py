@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from implicitdiff._sparse import _detect as _detect_module
 from implicitdiff._sparse._detect import detect_sparsity
 
 jax.config.update("jax_enable_x64", True)
@@ -123,9 +124,14 @@ def _assert_exact(fn, y, jit=True):
     np.testing.assert_array_equal(_dense_pattern(pattern), _true_pattern(fn, y))
 
 
+@pytest.mark.parametrize("widest_table", [None, 0, 2])
 @pytest.mark.parametrize("name", list(SYSTEMS))
-def test_detected_pattern_is_exact(name):
-    """Under jit, as in the implicit rule: the constants are tracers there."""
+def test_detected_pattern_is_exact(name, widest_table, monkeypatch):
+    """Under jit, as in the implicit rule: the constants are tracers there. Index
+    sets are tables while narrow, CSR matrices once wider than `_WIDEST_TABLE`:
+    lowered here, every rule meets both, and the mix of the two."""
+    if widest_table is not None:
+        monkeypatch.setattr(_detect_module, "_WIDEST_TABLE", widest_table)
     fn, shape = SYSTEMS[name]
     _assert_exact(fn, _point(shape))
 

@@ -6,13 +6,14 @@ import functools as ft
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pyamg
 import pytest
 import scipy.sparse as sp
 from jax import lax
 from jax.experimental import sparse as jsparse
 
 import implicitdiff as idf
-from implicitdiff._sparse import _colouring
+from implicitdiff._sparse import _colouring, _operator
 
 jax.config.update("jax_enable_x64", True)
 
@@ -100,6 +101,27 @@ def test_five_point_stencil_needs_at_most_seven_colours(n):
     _assert_structurally_orthogonal(pattern, colouring.colours)
 
 
+@pytest.mark.parametrize(
+    "matrix, most",
+    [
+        (sp.diags([1.0] * 3, [-1, 0, 1], shape=(5000, 5000)), 3),  # tridiagonal
+        (sp.diags([1.0] * 11, range(-5, 6), shape=(5000, 5000)), 11),  # bandwidth 5
+        (sp.block_diag([np.ones((20, 20))] * 50), 20),
+        (pyamg.gallery.stencil_grid(np.ones((3, 3)), (30, 30)), 9),  # 9-point
+        (pyamg.gallery.poisson((12, 12, 12)), 13),  # 3D 7-point
+        (sp.random(2000, 2000, density=0.002, random_state=0), None),
+    ],
+)
+def test_colouring_is_valid_and_small(matrix, most):
+    """Valid on every pattern, and as few colours as the sequential sweeps of
+    structured patterns give (optimal for the bands and the blocks)."""
+    pattern = idf.SparsityPattern.of(matrix)
+    colouring = _colouring.column_colouring(pattern)
+    _assert_structurally_orthogonal(pattern, colouring.colours)
+    if most is not None:
+        assert colouring.n_colours <= most
+
+
 def test_colouring_of_irregular_patterns_is_valid():
     matrix = sp.random(300, 200, density=0.02, random_state=1) + sp.eye(300, 200)
     pattern = idf.SparsityPattern.of(matrix)
@@ -111,9 +133,9 @@ def test_colouring_of_irregular_patterns_is_valid():
 
 def test_one_colouring_per_pattern(monkeypatch):
     calls = []
-    original = _colouring._greedy_colouring
+    original = _colouring._mis_colouring
     monkeypatch.setattr(
-        _colouring, "_greedy_colouring", lambda p: calls.append(1) or original(p)
+        _colouring, "_mis_colouring", lambda g: calls.append(1) or original(g)
     )
     _colouring.column_colouring.cache_clear()
 
@@ -161,6 +183,45 @@ def test_grad_under_vmap():
     xs = X[None] * jnp.array([0.8, 1.0, 1.2])[:, None, None]
     grads = jax.jit(jax.vmap(jax.grad(loss)))(xs)
     for x, g in zip(xs, grads, strict=True):
+        expected = jnp.einsum("ij,ijkl->kl", jnp.cos(forward(x)), reference_jacobian(x))
+        np.testing.assert_allclose(g, expected, rtol=1e-8, atol=1e-12)
+
+
+def _callbacks(jaxpr, in_loop=False):
+    """`(primitive inside a loop?)` for every pure_callback in a jaxpr, recursively."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pure_callback":
+            found.append(in_loop)
+        loop = in_loop or eqn.primitive.name in ("while", "scan")
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if hasattr(sub, "eqns"):
+                    found += _callbacks(sub, loop)
+    return found
+
+
+@pytest.mark.parametrize("solver", [idf.Direct(), idf.CG(rtol=1e-12, atol=1e-12)])
+def test_large_index_arrays_reach_the_program_at_run_time(monkeypatch, solver):
+    """Above a size, the pattern's index arrays come from a host callback when the
+    program runs, not as compiled-in constants (seconds of XLA compilation at 10⁶
+    entries); once per operator, never inside the Krylov loop."""
+    monkeypatch.setattr(_operator, "_LARGEST_CONSTANT_BYTES", 0)
+    f = implicit(idf.Sparse("auto"), solver)
+    expected = reference_jacobian(X)
+    for jacobian in (jax.jacfwd, jax.jacrev):
+        traced = jax.jit(jacobian(f)).trace(X)
+        callbacks = _callbacks(traced.jaxpr.jaxpr)
+        assert callbacks and not any(callbacks)
+        large = [c for c in traced.jaxpr.consts if np.size(c) >= LAPLACIAN.nnz]
+        assert not large
+        np.testing.assert_allclose(
+            jax.jit(jacobian(f))(X), expected, rtol=1e-8, atol=1e-10
+        )
+    loss = lambda x: jnp.sum(jnp.sin(f(x)))
+    xs = X[None] * jnp.array([0.9, 1.1])[:, None, None]
+    for x, g in zip(xs, jax.jit(jax.vmap(jax.grad(loss)))(xs), strict=True):
         expected = jnp.einsum("ij,ijkl->kl", jnp.cos(forward(x)), reference_jacobian(x))
         np.testing.assert_allclose(g, expected, rtol=1e-8, atol=1e-12)
 
