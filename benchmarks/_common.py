@@ -34,11 +34,21 @@ class Timing:
     """What `measure` found: the compiled function, its output and the figures, or
     the error that stopped it (`failure`, with everything else None)."""
 
-    def __init__(self, compiled, output, time_s, compile_s, peak_mem_mb, failure=None):
+    def __init__(
+        self,
+        compiled,
+        output,
+        time_s,
+        compile_s,
+        peak_mem_mb,
+        failure=None,
+        first_s=None,
+    ):
         self.compiled = compiled
         self.output = output
         self.time_s = time_s
         self.compile_s = compile_s
+        self.first_s = first_s  # the first call after compiling (the warm-up)
         self.peak_mem_mb = peak_mem_mb
         self.failure = failure
 
@@ -128,8 +138,9 @@ def measure_all(
     """Compiles every function of `fns` for `args` and times them *interleaved*.
 
     For each function: the compile seconds (`jax.jit(fn).lower(*args).compile()`),
-    a warm-up call, the peak memory from XLA's memory analysis. Then `repeats` rounds
-    that each time every function once in turn, and the median seconds per call.
+    a timed warm-up call (`first_s`), the peak memory from XLA's memory analysis.
+    Then `repeats` rounds that each time every function once in turn, and the median
+    seconds per call.
     Interleaving keeps the ratios between functions robust to a load that changes
     during the run (a shared machine): every function sees the same conditions.
 
@@ -141,11 +152,13 @@ def measure_all(
     where waking the waiting thread after every call would dominate and add noise.
     """
     compiled, outputs, numbers, compile_s, samples = {}, {}, {}, {}, {}
-    failures = {}
+    failures, first_s = {}, {}
     for name, fn in fns.items():
         try:
             compiled[name], compile_s[name] = compile_fn(fn, *args)
+            start = time.perf_counter()
             outputs[name] = jax.block_until_ready(compiled[name](*args))
+            first_s[name] = time.perf_counter() - start
         except Exception as error:  # a peer that cannot run this case: report it
             failures[name] = Timing.failed(error)
             continue
@@ -165,6 +178,7 @@ def measure_all(
             statistics.median(samples[name]),
             compile_s[name],
             peak_memory_mb(compiled[name]),
+            first_s=first_s[name],
         )
         for name in fns
     }

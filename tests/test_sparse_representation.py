@@ -13,7 +13,7 @@ from jax import lax
 from jax.experimental import sparse as jsparse
 
 import implicitdiff as idf
-from implicitdiff._sparse import _colouring, _operator
+from implicitdiff._sparse import _colouring, _operator, _representation
 
 jax.config.update("jax_enable_x64", True)
 
@@ -82,6 +82,37 @@ def implicit(representation, solver=DIRECT, on_failure="raise"):
 def operator_jacobians():
     f = implicit("operator")
     return jax.jit(jax.jacfwd(f))(X), jax.jit(jax.jacrev(f))(X)
+
+
+# Patterns -----------------------------------------------------------------------
+
+
+def test_pattern_sorts_deduplicates_and_transposes():
+    """Coordinates in any order, with repeats, give the CSR pattern of their set; the
+    transpose and its permutation agree with a NumPy lexsort."""
+    rng = np.random.default_rng(3)
+    rows, cols = rng.integers(0, 40, 500), rng.integers(0, 30, 500)
+    pattern = idf.SparsityPattern(rows, cols, (40, 30))
+    expected = np.unique(rows * 30 + cols)
+    np.testing.assert_array_equal(pattern.rows, expected // 30)
+    np.testing.assert_array_equal(pattern.cols, expected % 30)
+    np.testing.assert_array_equal(
+        pattern.indptr,
+        sp.csr_array(
+            (np.ones(expected.size), (expected // 30, expected % 30)), shape=(40, 30)
+        ).indptr,
+    )
+    permutation = np.lexsort((pattern.rows, pattern.cols))
+    np.testing.assert_array_equal(pattern.transpose_permutation, permutation)
+    assert pattern.T.shape == (30, 40)
+    np.testing.assert_array_equal(pattern.T.rows, pattern.cols[permutation])
+    np.testing.assert_array_equal(pattern.T.cols, pattern.rows[permutation])
+    assert pattern.T.T == pattern and hash(pattern.T.T) == hash(pattern)
+    same = idf.SparsityPattern(pattern.rows, pattern.cols, (40, 30))  # sorted input
+    assert same == pattern and hash(same) == hash(pattern)
+    assert pattern != idf.SparsityPattern(pattern.rows, pattern.cols, (41, 30))
+    with pytest.raises(ValueError, match="outside"):
+        idf.SparsityPattern([0, 40], [0, 0], (40, 30))
 
 
 # Colouring ----------------------------------------------------------------------
@@ -175,6 +206,15 @@ def test_jacobians_match_operator_and_analytic(representation, solver):
     ):
         np.testing.assert_allclose(result, expected, rtol=1e-8, atol=1e-10)
         np.testing.assert_allclose(result, with_operator, rtol=1e-8, atol=1e-10)
+
+
+def test_assembly_batched_over_colours(monkeypatch):
+    """Past `_MOST_UNBATCHED_COLOURS` the JVPs of the colours run as one vmap."""
+    monkeypatch.setattr(_representation, "_MOST_UNBATCHED_COLOURS", 0)
+    f = implicit(idf.Sparse("auto"))
+    np.testing.assert_allclose(
+        jax.jit(jax.jacrev(f))(X), reference_jacobian(X), rtol=1e-8, atol=1e-10
+    )
 
 
 def test_grad_under_vmap():

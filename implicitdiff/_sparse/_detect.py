@@ -202,21 +202,22 @@ def _evaluate(eqn, args, **param_updates) -> list:
 
 # Index sets -------------------------------------------------------------------------
 
-# Narrow index sets are a table: one row per element, listing the inputs it depends
-# on, padded with -1, repeats allowed. Gathering rows and taking unions (concatenating
-# rows) are then single NumPy operations on small integer arrays. A table is cleaned
+# Narrow index sets are a table: one column per element, listing the inputs it
+# depends on, padded with -1, repeats allowed. Gathering columns and taking unions
+# (stacking tables) are then single NumPy operations on small integer arrays; with
+# the elements along the last axis, a union copies whole rows. A table is cleaned
 # (sorted, repeats dropped) when it grows wider than this, and index sets that stay
 # wider, or that a reduction mixes, are SciPy CSR matrices of booleans.
 _WIDEST_TABLE = 32
 
 
 class _Table(NamedTuple):
-    cols: np.ndarray  # (number of elements, width), -1 for nothing
+    cols: np.ndarray  # (width, number of elements), -1 for nothing
     n_in: int
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.cols.shape[0], self.n_in)
+        return (self.cols.shape[1], self.n_in)
 
 
 def _index_dtype(n_in: int):
@@ -224,19 +225,19 @@ def _index_dtype(n_in: int):
 
 
 def _empty(n_rows: int, n_in: int) -> _Table:
-    return _Table(np.empty((n_rows, 0), _index_dtype(n_in)), n_in)
+    return _Table(np.empty((0, n_rows), _index_dtype(n_in)), n_in)
 
 
 def _identity_rows(start: int, n_rows: int, n_in: int) -> _Table:
     cols = np.arange(start, start + n_rows, dtype=_index_dtype(n_in))
-    return _Table(cols[:, None], n_in)
+    return _Table(cols[None, :], n_in)
 
 
 def _as_csr(deps: Deps) -> sp.csr_array:
     """The index sets as a boolean CSR matrix with sorted indices."""
     if isinstance(deps, sp.csr_array):
         return deps
-    cols = np.sort(deps.cols, axis=1)
+    cols = np.sort(deps.cols.T, axis=1)
     cols[:, 1:][cols[:, 1:] == cols[:, :-1]] = -1  # repeats
     kept = cols >= 0
     indptr = np.concatenate([[0], np.cumsum(np.count_nonzero(kept, axis=1))])
@@ -253,8 +254,8 @@ def _narrowed(matrix: sp.csr_array) -> Deps:
     if lengths.max(initial=0) > _WIDEST_TABLE:
         return matrix
     rows = np.repeat(np.arange(matrix.shape[0]), lengths)
-    cols = np.full((matrix.shape[0], lengths.max(initial=0)), -1)
-    cols[rows, np.arange(rows.size) - matrix.indptr[rows]] = matrix.indices
+    cols = np.full((lengths.max(initial=0), matrix.shape[0]), -1)
+    cols[np.arange(rows.size) - matrix.indptr[rows], rows] = matrix.indices
     return _Table(cols.astype(_index_dtype(matrix.shape[1])), matrix.shape[1])
 
 
@@ -262,8 +263,8 @@ def _union(a: Deps, b: Deps) -> Deps:
     if a is None or b is None:
         return b if a is None else a
     if isinstance(a, _Table) and isinstance(b, _Table):
-        union = _Table(np.concatenate([a.cols, b.cols], axis=1), a.n_in)
-        return union if union.cols.shape[1] <= _WIDEST_TABLE else _cleaned(union)
+        union = _Table(np.concatenate([a.cols, b.cols]), a.n_in)
+        return union if union.cols.shape[0] <= _WIDEST_TABLE else _cleaned(union)
     return _narrowed(_as_csr(a).maximum(_as_csr(b)))  # SciPy's fastest boolean union
 
 
@@ -288,8 +289,8 @@ def _select(deps: Deps, src) -> Deps:
     src = np.ravel(src)
     taken = np.maximum(src, 0)
     if isinstance(deps, _Table):
-        cols = deps.cols[taken]
-        cols[src < 0] = -1
+        cols = np.take(deps.cols, taken, axis=1)  # C order, unlike `cols[:, taken]`
+        cols[:, src < 0] = -1
         return _Table(cols, deps.n_in)
     lengths = np.where(src >= 0, np.diff(deps.indptr)[taken], 0)
     indptr = np.concatenate([[0], np.cumsum(lengths)])
@@ -313,12 +314,12 @@ def _stack(ins, avals) -> Deps:
     ]
     if not all(isinstance(p, _Table) for p in parts):
         return sp.vstack([_as_csr(p) for p in parts], format="csr")
-    width = max(p.cols.shape[1] for p in parts)
+    width = max(p.cols.shape[0] for p in parts)
     padded = [
-        np.pad(p.cols, ((0, 0), (0, width - p.cols.shape[1])), constant_values=-1)
+        np.pad(p.cols, ((0, width - p.cols.shape[0]), (0, 0)), constant_values=-1)
         for p in parts
     ]
-    return _Table(np.concatenate(padded), n_in)
+    return _Table(np.concatenate(padded, axis=1), n_in)
 
 
 def _size(aval) -> int:

@@ -66,7 +66,7 @@ class SparsityPattern:
 
     @ft.cached_property
     def _hash(self) -> int:
-        digest = hashlib.blake2b(self.rows, digest_size=16)
+        digest = hashlib.sha256(self.rows)
         digest.update(self.cols)
         return hash((self.shape, digest.digest()))
 
