@@ -16,9 +16,13 @@ method on the host. Timed: the VJP `θ ↦ ∇_θ ⟨w, u(θ)⟩ = A⁻ᵀ w`, A
   given the SciPy matrix (assembled in NumPy, outside the timing).
 
 `rel_error` is relative to the `SciPy("splu")` gradient; `ratio` is the time over
-the limit's. Run alone: `python -m benchmarks.sparse_pde_vjp [--quick]`; on a
-shared machine with `OPENBLAS_NUM_THREADS=1`, as pyamg's Krylov loops spend most
-of their time in NumPy dot products that oversubscribed BLAS threads slow down 5×.
+the limit's. AMG and the limit are timed in 9 interleaved rounds (medians), the
+others once. Two rows give the whole gradient from cold (the goal at N = 1024):
+compile seconds (trace with sparsity detection and colouring, lowering, XLA) plus
+the first call, and plus the median later call. Run alone:
+`python -m benchmarks.sparse_pde_vjp [--quick]`; on a shared machine with
+`OPENBLAS_NUM_THREADS=1`, as pyamg's Krylov loops spend most of their time in NumPy
+dot products that oversubscribed BLAS threads slow down 5×.
 """
 
 import functools as ft
@@ -207,26 +211,25 @@ def _run_size(N: int, unpreconditioned: bool) -> list[dict]:
     sparse = idf.Sparse("auto")
     fns = {
         AMG: implicit_vjp(idf.AMG(rtol=RTOL), sparse),
-        SPLU: implicit_vjp(idf.SciPy("splu"), sparse),
         LIMIT: pyamg_limit(u, kx, ky),
     }
-    repeats = 7 if N <= 256 else 5  # a noisy machine: medians of several rounds
-    timings = _common.measure_all(fns, *args, repeats=repeats, min_sample_s=0.0)
+    # The goals compare AMG with the limit: medians of 9 interleaved rounds, as the
+    # pyamg setup alone varies by ±30 % from call to call on a shared machine.
+    timings = _common.measure_all(fns, *args, repeats=9, min_sample_s=0.0)
+    slow = {SPLU: implicit_vjp(idf.SciPy("splu"), sparse)}  # the reference
+    if unpreconditioned:
+        slow["CG() matrix-free"] = implicit_vjp(
+            idf.CG(rtol=RTOL, max_steps=KRYLOV_STEPS), "operator"
+        )
+        slow["jaxopt root_vjp solve_cg"] = jaxopt_vjp
+    timings.update(_common.measure_all(slow, *args, repeats=1, min_sample_s=0.0))
     HOST_CACHE.clear()  # frees the LU factor of the largest sizes
-    if unpreconditioned:  # slow: one timed run each
-        slow = {
-            "CG() matrix-free": implicit_vjp(
-                idf.CG(rtol=RTOL, max_steps=KRYLOV_STEPS), "operator"
-            ),
-            "jaxopt root_vjp solve_cg": jaxopt_vjp,
-        }
-        timings.update(_common.measure_all(slow, *args, repeats=1, min_sample_s=0.0))
     reference, limit = timings[SPLU].output, timings[LIMIT].time_s
     rows = [_row(case, name, t, reference, limit) for name, t in timings.items()]
     amg = timings[AMG]
     if amg.failure is None:
         for method, run_s, note in (
-            (FIRST_CALL, amg.first_s, "the first call: trace + compile + run"),
+            (FIRST_CALL, amg.first_s, "trace + compile + first run"),
             (COLD, amg.time_s, "trace + compile + a later run"),
         ):
             cold = amg.compile_s + run_s
@@ -237,7 +240,7 @@ def _run_size(N: int, unpreconditioned: bool) -> list[dict]:
                     method,
                     time_s=cold,
                     ratio=_common.ratio(cold, limit),
-                    note=f"{note} (the trace detects the sparsity and colours)",
+                    note=note,
                 )
             )
     return rows
