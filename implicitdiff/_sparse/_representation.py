@@ -65,9 +65,9 @@ class Sparse(AbstractRepresentation):
     linear solve, and the derivative, is NaN rather than silently wrong. This catches
     a user pattern that misses entries. The check costs one more JVP.
 
-    **Cost.** The pattern is detected and the operator assembled once per
-    linearisation point, for both the JVP and the VJP direction. At 10⁶ unknowns (a
-    5-point stencil on a 1024² grid, 5·10⁶ entries) detection takes about 0.3 s and
+    **Cost.** The pattern is detected once per trace, the operator assembled once
+    per linearisation point for both the JVP and the VJP direction. At 10⁶ unknowns (a
+    5-point stencil on a 1024² grid, 5·10⁶ entries) detection takes 0.3 to 0.6 s and
     colouring 0.2 s, both at trace time; assembly takes about 0.1 s per call. The
     pattern's index arrays are not compiled into the program when they are large
     (over 2 MiB each, about 5·10⁵ entries): XLA would spend about 0.2 s per 20 MB
