@@ -264,6 +264,12 @@ def test_large_index_arrays_reach_the_program_at_run_time(monkeypatch, solver):
     for x, g in zip(xs, jax.jit(jax.vmap(jax.grad(loss)))(xs), strict=True):
         expected = jnp.einsum("ij,ijkl->kl", jnp.cos(forward(x)), reference_jacobian(x))
         np.testing.assert_allclose(g, expected, rtol=1e-8, atol=1e-12)
+    hessian = jax.jit(jax.hessian(loss))(X)
+    monkeypatch.undo()  # the same Hessian with the indices compiled in
+    expected = jax.jit(
+        jax.hessian(lambda x: jnp.sum(jnp.sin(implicit(idf.Sparse("auto"), solver)(x))))
+    )(X)
+    np.testing.assert_allclose(hessian, expected, rtol=1e-8, atol=1e-10)
 
 
 def test_float32_passes_the_check():

@@ -264,12 +264,10 @@ def _union(a: Deps, b: Deps) -> Deps:
         return b if a is None else a
     if isinstance(a, _Table) and isinstance(b, _Table):
         union = _Table(np.concatenate([a.cols, b.cols]), a.n_in)
-        return union if union.cols.shape[0] <= _WIDEST_TABLE else _cleaned(union)
+        return (
+            union if union.cols.shape[0] <= _WIDEST_TABLE else _narrowed(_as_csr(union))
+        )
     return _narrowed(_as_csr(a).maximum(_as_csr(b)))  # SciPy's fastest boolean union
-
-
-def _cleaned(deps: Deps) -> Deps:
-    return _narrowed(_as_csr(deps))
 
 
 def _combine(deps: Deps, out_rows, in_rows, n_out: int) -> Deps:
