@@ -440,8 +440,10 @@ ImplicitFunction.__init__.__doc__ = """**Arguments:**
     `jit` too, through `equinox.error_if`). When nothing fails the check is one
     branch on a flag, but `"warn"` and `"raise"` put a host callback in the compiled
     program, and JAX (0.10) then skips its fast C++ dispatch: about 20 µs more per
-    call of the outermost `jit`. Negligible for a training step; for a jitted
-    function that runs in microseconds, use `"nan"`.
+    call of the outermost `jit`. Negligible for a training step. For a jitted function
+    that runs in microseconds on CPU, time `"nan"` too: it keeps the fast dispatch,
+    but XLA then runs any program it estimates above 1000 flops on a worker thread (a
+    thread switch per call), and which costs more depends on the machine.
 - `check_conditions`: a tolerance, or `None` (default: no check). When set, the
     forward's output is checked: if `‖c(x, y)‖ > tol·(1 + ‖y‖)` (2-norms over all
     leaves) the forward did not solve the conditions, `y` becomes NaN and `on_failure`
