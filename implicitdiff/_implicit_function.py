@@ -297,15 +297,15 @@ class ImplicitFunction(eqx.Module):
 
 def _linear_solve(A, rhs, y, y_finite, solver, representation, on_failure, site):
     """Solves `A ẏ = rhs` in a way JAX can transpose, with presolve inside."""
-    matvec = A
+    matvec, tags = A, ()
     if isinstance(solver, LeastSquares):
         # Normal equations AᵀA ẏ = Aᵀ rhs: square and symmetric, so custom_linear_solve
         # applies and the transpose (a VJP) is the minimum-norm solve of Aᵀu = v.
         At = jax.linear_transpose(A, y)
         matvec, rhs = (lambda v: At(A(v))[0]), At(rhs)[0]
-    operator = representation.operator(matvec, structure(rhs))
-    if isinstance(solver, LeastSquares):
         tags = (lx.symmetric_tag, lx.positive_semidefinite_tag)
+    operator = representation.operator(matvec, structure(rhs))
+    if tags:
         operator = lx.TaggedLinearOperator(operator, tags)
     return solve_with_presolve(
         matvec, rhs, operator, solver, on_failure, site, operator_finite=y_finite

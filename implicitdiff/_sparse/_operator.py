@@ -232,7 +232,7 @@ class SparseLinearOperator(lx.AbstractLinearOperator):
             output_structure = jax.ShapeDtypeStruct((n_rows,), dtype)
         self.input_structure = input_structure
         self.output_structure = output_structure
-        if _indices is None:  # a transpose passes its own, permuted on the device
+        if _indices is None:  # the device copies of rows and cols, if already made
             _indices = (
                 device_indices(self.pattern.rows),
                 device_indices(self.pattern.cols),

@@ -140,7 +140,7 @@ _MOST_UNBATCHED_COLOURS = 32
 
 
 def _assemble(linear_fn, in_structure, out_structure, pattern) -> SparseLinearOperator:
-    """One JVP per colour, plus one in a random direction that checks the result."""
+    """One JVP per colour, plus one in a pseudo-random direction that checks it."""
     colouring = column_colouring(pattern)
     flat_in = jax.eval_shape(ravel, in_structure)
 
@@ -160,14 +160,14 @@ def _assemble(linear_fn, in_structure, out_structure, pattern) -> SparseLinearOp
     probe = _probe(flat_in.shape[0], dtype)
     # Entry (i, j) is row i of the product for j's colour: no other column of that
     # colour has an entry in row i.
-    skeleton = SparseLinearOperator(
-        jnp.zeros(pattern.nnz, dtype), pattern, in_structure, out_structure
-    )
+    rows, cols = device_indices(pattern.rows), device_indices(pattern.cols)
     n_rows = pattern.shape[0]
     index_dtype = jnp.int32 if colouring.n_colours * n_rows < 2**31 else jnp.int64
-    where = take(colours, skeleton.cols).astype(index_dtype) * n_rows + skeleton.rows
+    where = take(colours, cols).astype(index_dtype) * n_rows + rows
     data = take(products.reshape(-1), where)
-    operator = eqx.tree_at(lambda o: o.data, skeleton, data)
+    operator = SparseLinearOperator(
+        data, pattern, in_structure, out_structure, _indices=(rows, cols)
+    )
     ok = _agrees(operator, probe, flat_fn(probe))
     return eqx.tree_at(lambda o: o.data, operator, nan_unless(ok, data))
 
