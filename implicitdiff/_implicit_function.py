@@ -22,25 +22,14 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import lineax as lx
 import numpy as np
-from jax import lax
 from jax._src import core as jax_core
 from jaxtyping import PyTree
 
-from . import _solve_log as solve_log
 from ._failure import ON_FAILURE_CHOICES, CallSite, OnFailure, apply_policy
-from ._misc import (
-    all_finite,
-    credible,
-    is_inexact_array,
-    nan_unless,
-    operator_norm_lower_bound,
-    ravel,
-    structure,
-    unravel,
-)
+from ._misc import all_finite, is_inexact_array, ravel, structure, unravel
 from ._representation import AbstractRepresentation, as_representation
+from ._solve import solve_linearised
 from ._solvers._auto import Auto
 from ._solvers._base import AbstractLinearSolver
 from ._solvers._least_squares import LeastSquares
@@ -190,7 +179,7 @@ class ImplicitFunction(eqx.Module):
             # condition that does not involve x (which JAX could not transpose).
             rhs = unravel(-ravel(B_t), structure(B_t))
             y_finite = all_finite(y)  # NaN y (a failed check): NaN in, not a failure
-            y_dot = _linear_solve(
+            y_dot = solve_linearised(
                 A, rhs, y, y_finite, solver, representation, self.on_failure, site
             )
             if self.check_conditions is not None:
@@ -293,81 +282,6 @@ class ImplicitFunction(eqx.Module):
                 f"y is {y_struct} but c is {c_struct}. "
                 "For more conditions than unknowns use linear_solver=LeastSquares()."
             )
-
-
-def _linear_solve(A, rhs, y, y_finite, solver, representation, on_failure, site):
-    """Solves `A ẏ = rhs` in a way JAX can transpose, with presolve inside."""
-    matvec, tags = A, ()
-    if isinstance(solver, LeastSquares):
-        # Normal equations AᵀA ẏ = Aᵀ rhs: square and symmetric, so custom_linear_solve
-        # applies and the transpose (a VJP) is the minimum-norm solve of Aᵀu = v.
-        At = jax.linear_transpose(A, y)
-        matvec, rhs = (lambda v: At(A(v))[0]), At(rhs)[0]
-        tags = (lx.symmetric_tag, lx.positive_semidefinite_tag)
-    operator = representation.operator(matvec, structure(rhs))
-    if tags:
-        operator = lx.TaggedLinearOperator(operator, tags)
-    return solve_with_presolve(
-        matvec, rhs, operator, solver, on_failure, site, operator_finite=y_finite
-    )
-
-
-def solve_with_presolve(
-    matvec,
-    rhs,
-    operator,
-    solver,
-    on_failure,
-    site,
-    system="∂c/∂y",
-    operator_finite=True,
-):
-    """`lax.custom_linear_solve` whose solve and transpose solve each presolve once.
-
-    `operator` represents `matvec` (built once per linearisation point, outside, so
-    that the sparse representation detects and assembles once for both directions).
-    The solve and the transpose solve each run the solver's presolve on it (on its
-    transpose for the VJP), only in the direction in use and unbatched under `vmap`,
-    as it does not depend on the right-hand side; the `vecmat` that JAX offers to
-    `transpose_solve` is not needed.
-    Whatever the solver, a solution that proves `A` numerically singular (see
-    `credible`) is rejected too: a safety net under the NaN contract.
-    Then the failure policy: a solution with any NaN is all NaN, and a failure from a
-    finite right-hand side and operator (`operator_finite`, a flag) warns or raises as
-    `on_failure` says.
-    """
-
-    def presolve_and_solve(transpose):
-        direction = "VJP (Aᵀ u = v)" if transpose else "JVP (A x = b)"
-        message = (
-            f"implicitdiff: {type(solver).__name__} did not solve the {direction} "
-            f"linear system with A = {system} (singular or ill-conditioned, no "
-            f"convergence, or a sparsity pattern missing entries); the derivative "
-            f"is NaN."
-        )
-
-        def run(_, b):
-            b_struct = structure(b)
-            A = operator.transpose() if transpose else operator
-            state = solve_log.presolve(solver, A, b_struct, direction)
-            norm_bound = operator_norm_lower_bound(A)
-            x = solve_log.solve(solver, state, A, b, direction)
-            # All NaN, even if a solver NaNs only a part, or returns the huge finite
-            # answer of a numerically singular system.
-            solved = credible(norm_bound, x, b)
-            x = nan_unless(solved, x)
-            # NaN in, NaN out is not a failure.
-            failed = ~solved & all_finite(b) & operator_finite
-            return apply_policy(x, failed, on_failure, message, site)
-
-        return run
-
-    return lax.custom_linear_solve(
-        matvec,
-        rhs,
-        solve=presolve_and_solve(transpose=False),
-        transpose_solve=presolve_and_solve(transpose=True),
-    )
 
 
 def _call_forward(forward, x, args):

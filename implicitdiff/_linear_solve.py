@@ -6,8 +6,8 @@ from jax.experimental import sparse as jsparse
 from jaxtyping import Array, PyTree
 
 from ._failure import ON_FAILURE_CHOICES, CallSite, OnFailure
-from ._implicit_function import solve_with_presolve
 from ._misc import ravel, size, unravel
+from ._solve import solve_with_presolve
 from ._solvers._auto import Auto
 from ._solvers._base import AbstractLinearSolver
 from ._sparse._detect import _concrete_value

@@ -42,7 +42,7 @@ import numpy as np
 from jax.custom_batching import custom_vmap
 from jaxtyping import Array, ArrayLike, Int, PyTree
 
-from ._misc import all_finite, ravel, size, structure, unravel
+from ._misc import all_finite, nan_unless, ravel, size, structure, unravel
 
 # Part of every jit cache key (and of JAX's inner tracing caches): a function traced
 # with no log active has no callbacks in its program, so entering a log must give a
@@ -89,9 +89,10 @@ class SolveLogEntry:
         failure); otherwise a solution is NaN from finite input, and the status is
         `"not converged"` for a solver that reported iterations and `"singular"` for
         one that did not (a direct solver that found the matrix singular).
-    - `presolve_time`, `solve_time`: wall-clock seconds of the presolve and of the
-        solve, as measured on the host between data-dependent callbacks. A presolve is
-        timed in every entry that shares it.
+    - `presolve_time`, `solve_time`: wall-clock seconds of the presolve (with the
+        solver's regularity certificate, `certify`) and of the solve, as measured on
+        the host between data-dependent callbacks. A presolve is timed in every entry
+        that shares it.
     """
 
     solver: str
@@ -201,19 +202,26 @@ SolveLog.__init__.__doc__ = """**Arguments:** none. Use it as a context manager.
 
 
 def presolve(solver, operator, y_structure, direction):
-    """Runs `solver.presolve`; records its time when a `SolveLog` is active."""
+    """Runs `solver.presolve` and `solver.certify` (part of the presolve: once per
+    linearisation point); records their time when a `SolveLog` is active. Returns the
+    state for `solve` and the certificate."""
     if not _LOGGING.value:
-        return solver.presolve(operator, y_structure)
+        state = solver.presolve(operator, y_structure)
+        return state, solver.certify(state, operator)
     operator, start = _tick_after(operator)
     state = solver.presolve(operator, y_structure)
-    state, end = _tick_after(state)
-    return _TimedState(state, start, end)
+    regular = solver.certify(state, operator)
+    (state, regular), end = _tick_after((state, regular))
+    return _TimedState(state, start, end), regular
 
 
-def solve(solver, state, operator, b, direction):
-    """Runs `solver.solve`; records the solve when a `SolveLog` is active."""
+def solve(solver, state, operator, b, direction, accept):
+    """Runs `solver.solve`, then `accept(x)` (the caller's checks, a boolean scalar),
+    and returns `x` where accepted, else all NaN; records the solve when a `SolveLog`
+    is active."""
     if not isinstance(state, _TimedState):
-        return solver.solve(state, b)
+        x = solver.solve(state, b)
+        return nan_unless(accept(x), x)
     (inner, b), start = _tick_after((state.state, b))
     notes = []
     _notes_stack().append(notes)
@@ -221,6 +229,7 @@ def solve(solver, state, operator, b, direction):
         x = solver.solve(inner, b)
     finally:
         _notes_stack().pop()
+    x = nan_unless(accept(x), x)
     x, end = _tick_after(x)
     batch = _systems(_probe(x))
     info = (_solver_name(solver), direction.split()[0], size(b), _dtype_name(b))

@@ -210,7 +210,8 @@ def test_times_follow_the_work_under_jit():
     with idf.SolveLog() as log:
         jax.jit(jax.grad(total(linear(Sleepy()))))(X)
     (entry,) = log.entries
-    assert 0.2 <= entry.presolve_time < 0.3
+    # The presolve phase includes the default regularity certificate: one more solve.
+    assert 0.3 <= entry.presolve_time < 0.4
     assert 0.1 <= entry.solve_time < 0.2
 
 

@@ -6,7 +6,16 @@ from typing import Any
 import equinox as eqx
 import jax
 import lineax as lx
-from jaxtyping import PyTree
+from jaxtyping import Array, Bool, PyTree
+
+from .._misc import (
+    all_finite,
+    credible,
+    operator_norm_lower_bound,
+    pseudo_random_probe,
+    size,
+    unravel,
+)
 
 SolverState = Any
 
@@ -29,6 +38,14 @@ class AbstractLinearSolver(eqx.Module):
     convergence, breakdown, or non-finite input. It must never return a finite wrong
     answer. The [`implicitdiff.ImplicitFunction`][] then applies its `on_failure`
     policy (silent NaN, a warning, or an error).
+
+    **Regularity.** A residual check cannot tell a regular system from a singular one
+    whose right-hand side happens to lie in its range: any Krylov method converges
+    there, to one of infinitely many solutions. So once per linearisation point the
+    implicit rule also asks [`certify`][implicitdiff.AbstractLinearSolver.certify]
+    whether `A` is numerically regular, and every derivative through an uncertified
+    `A` is NaN. The default certificate costs one extra `solve`; a solver that knows
+    better (a factorisation's pivots) overrides it.
 
     Both methods are traced by JAX (under `jit`, `vmap` and differentiation), so they
     must be written in JAX, or call the host through `jax.pure_callback`.
@@ -96,3 +113,32 @@ class AbstractLinearSolver(eqx.Module):
         The solution `x`, a pytree shaped like `A`'s input, with every element NaN if
         the system was not solved to satisfaction.
         """
+
+    def certify(
+        self, state: SolverState, A: lx.AbstractLinearOperator
+    ) -> Bool[Array, ""]:
+        """Whether `A` is numerically regular, so that the solutions of `solve` are
+        the unique solutions of their systems. Called once per linearisation point and
+        direction, after `presolve`.
+
+        The default solves once more, for a fixed pseudo-random right-hand side `r`:
+        a singular `A` has almost surely no solution for it, so the solve fails (NaN);
+        a numerically singular one gives a huge `x`, which proves
+        `κ∞(A) ≥ ‖A‖∞‖x‖∞/‖r‖∞` above `1/(√n·ε)`. A solver that certifies
+        regularity in its own `presolve` (a factorisation with a pivot test and a
+        condition estimate) overrides this to return that flag for free.
+
+        **Arguments:**
+
+        - `state`: what `presolve` returned.
+        - `A`: the operator `presolve` was given.
+
+        **Returns:**
+
+        A boolean scalar array: `True` when `A` is regular to working precision.
+        """
+        b_structure = A.out_structure()
+        dtype = jax.numpy.result_type(*jax.tree.leaves(b_structure))
+        r = unravel(pseudo_random_probe(size(b_structure), dtype), b_structure)
+        x = self.solve(state, r)
+        return all_finite(x) & credible(operator_norm_lower_bound(A), x, r)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from .._misc import nan_unless, ravel, size, unravel
+from .._misc import nan_unless, pseudo_random_probe, ravel, size, unravel
 from .._representation import AbstractRepresentation
 from ._colouring import column_colouring
 from ._detect import detect_sparsity
@@ -157,7 +157,7 @@ def _assemble(linear_fn, in_structure, out_structure, pattern) -> SparseLinearOp
         products = jnp.stack([seeded(c) for c in range(colouring.n_colours)])
     else:
         products = jax.vmap(seeded)(jnp.arange(colouring.n_colours))
-    probe = _probe(flat_in.shape[0], dtype)
+    probe = pseudo_random_probe(flat_in.shape[0], dtype)
     # Entry (i, j) is row i of the product for j's colour: no other column of that
     # colour has an entry in row i.
     rows, cols = device_indices(pattern.rows), device_indices(pattern.cols)
@@ -170,15 +170,6 @@ def _assemble(linear_fn, in_structure, out_structure, pattern) -> SparseLinearOp
     )
     ok = _agrees(operator, probe, flat_fn(probe))
     return eqx.tree_at(lambda o: o.data, operator, nan_unless(ok, data))
-
-
-def _probe(n: int, dtype) -> jax.Array:
-    """A fixed direction with pseudo-random entries in (−1, 1), none zero: an integer
-    hash of the index (`jax.random` takes 20 ms for 10⁶ entries on CPU, this 1)."""
-    h = jnp.arange(n, dtype=jnp.uint32) * jnp.uint32(0x9E3779B1)
-    h = (h ^ (h >> 15)) * jnp.uint32(0x85EBCA77)
-    odd = 2 * ((h ^ (h >> 13)) >> 9) + 1  # < 2²⁴: exact in float32, never 2²³
-    return (odd.astype(jnp.float32) / 2**23 - 1).astype(dtype)
 
 
 def _agrees(operator: SparseLinearOperator, probe, expected) -> jax.Array:

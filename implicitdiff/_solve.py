@@ -1,0 +1,139 @@
+"""The solve mechanism under the implicit rule and `linear_solve`: operator → presolve
+→ certificate → solve → credibility → failure policy, inside a transposable
+`lax.custom_linear_solve`."""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import lineax as lx
+from jax import lax
+from jaxtyping import Array, Bool, PyTree
+
+from . import _solve_log as solve_log
+from ._failure import CallSite, OnFailure, apply_policy
+from ._misc import (
+    all_finite,
+    credible,
+    operator_norm_lower_bound,
+    ravel,
+    size,
+    structure,
+    unravel,
+)
+from ._representation import AbstractRepresentation
+from ._solvers._base import AbstractLinearSolver
+from ._solvers._least_squares import LeastSquares
+
+
+def solve_linearised(
+    A: Callable,
+    rhs: PyTree[Array],
+    y: PyTree[Array],
+    operator_finite: Bool[Array, ""],
+    solver: AbstractLinearSolver,
+    representation: AbstractRepresentation,
+    on_failure: OnFailure,
+    site: CallSite,
+) -> PyTree[Array]:
+    """Solves `A ẏ = rhs` for the linearised conditions `A` at `y`, transposably.
+
+    With [`LeastSquares`] the system becomes the normal equations. A pytree whose
+    leaves have different dtypes is solved as one flat vector of the widest dtype:
+    solvers (and lineax's materialisation) need one dtype throughout. An empty `y`
+    has an empty derivative and no system to solve.
+    """
+    y_structure = structure(y)
+    if size(y_structure) == 0:
+        return jax.tree.map(jnp.zeros_like, y)
+    leaves = jax.tree.leaves((y_structure, structure(rhs)))
+    if len({leaf.dtype for leaf in leaves}) > 1:
+        dtype = jnp.result_type(*leaves)
+        flat_A = lambda v: ravel(A(unravel(v, y_structure))).astype(dtype)  # noqa: E731
+        flat_y = jax.ShapeDtypeStruct((size(y_structure),), dtype)
+        flat = solve_linearised(
+            flat_A,
+            ravel(rhs).astype(dtype),
+            flat_y,
+            operator_finite,
+            solver,
+            representation,
+            on_failure,
+            site,
+        )
+        return unravel(flat, y_structure)
+    matvec, tags = A, ()
+    if isinstance(solver, LeastSquares):
+        # Normal equations AᵀA ẏ = Aᵀ rhs: square and symmetric, so custom_linear_solve
+        # applies and the transpose (a VJP) is the minimum-norm solve of Aᵀu = v.
+        At = jax.linear_transpose(A, y_structure)
+        matvec, rhs = (lambda v: At(A(v))[0]), At(rhs)[0]
+        tags = (lx.symmetric_tag, lx.positive_semidefinite_tag)
+    operator = representation.operator(matvec, structure(rhs))
+    if tags:
+        operator = lx.TaggedLinearOperator(operator, tags)
+    return solve_with_presolve(
+        matvec, rhs, operator, solver, on_failure, site, operator_finite=operator_finite
+    )
+
+
+def solve_with_presolve(
+    matvec: Callable,
+    rhs: PyTree[Array],
+    operator: lx.AbstractLinearOperator,
+    solver: AbstractLinearSolver,
+    on_failure: OnFailure,
+    site: CallSite,
+    system: str = "∂c/∂y",
+    operator_finite: Bool[Array, ""] | bool = True,
+) -> PyTree[Array]:
+    """`lax.custom_linear_solve` whose solve and transpose solve each presolve once.
+
+    `operator` represents `matvec` (built once per linearisation point, outside, so
+    that the sparse representation detects and assembles once for both directions).
+    The solve and the transpose solve each run the solver's presolve on it (on its
+    transpose for the VJP), only in the direction in use and unbatched under `vmap`,
+    as it does not depend on the right-hand side; the `vecmat` that JAX offers to
+    `transpose_solve` is not needed.
+
+    Every solution must then pass two checks that do not trust the solver:
+
+    - the solver's certificate that the operator is regular (`solver.certify`, once
+        per presolve): a residual cannot tell a singular system whose right-hand side
+        lies in its range from a regular one;
+    - `credible`: the solution must not prove the system numerically singular.
+
+    A solution that fails either is all NaN, and a failure from a finite right-hand
+    side and operator (`operator_finite`, a flag) warns or raises as `on_failure`
+    says; NaN in, NaN out is no failure.
+    """
+
+    def presolve_and_solve(transpose):
+        direction = "VJP (Aᵀ u = v)" if transpose else "JVP (A x = b)"
+        message = (
+            f"implicitdiff: {type(solver).__name__} did not solve the {direction} "
+            f"linear system with A = {system} (singular or ill-conditioned, no "
+            f"convergence, or a sparsity pattern missing entries); the derivative "
+            f"is NaN."
+        )
+
+        def run(_, b):
+            A = operator.transpose() if transpose else operator
+            state, regular = solve_log.presolve(solver, A, structure(b), direction)
+            norm_bound = operator_norm_lower_bound(A)
+
+            def accept(x):
+                return regular & credible(norm_bound, x, b)
+
+            x = solve_log.solve(solver, state, A, b, direction, accept)
+            failed = ~all_finite(x) & all_finite(b) & operator_finite
+            return apply_policy(x, failed, on_failure, message, site)
+
+        return run
+
+    return lax.custom_linear_solve(
+        matvec,
+        rhs,
+        solve=presolve_and_solve(transpose=False),
+        transpose_solve=presolve_and_solve(transpose=True),
+    )
