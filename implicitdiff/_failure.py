@@ -35,7 +35,7 @@ class CallSite(NamedTuple):
             frame = frame.f_back
         return cls("<unknown>", 0, "__main__")
 
-    def warn(self, message: str) -> None:
+    def warn(self, message: str, category: type[Warning] = RuntimeWarning) -> None:
         module = sys.modules.get(self.module)
         registry = (
             module.__dict__.setdefault("__warningregistry__", {})
@@ -43,7 +43,7 @@ class CallSite(NamedTuple):
             else None
         )
         warnings.warn_explicit(
-            message, RuntimeWarning, self.filename, self.lineno, self.module, registry
+            message, category, self.filename, self.lineno, self.module, registry
         )
 
 

@@ -15,7 +15,7 @@ depends only on `A`, so `vmap` over right-hand sides (`jacfwd`, `jacrev`) leaves
 unbatched and it runs once per linearisation point, in the one direction in use.
 """
 
-import types
+import functools as ft
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +23,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import core as jax_core
+from jax.custom_derivatives import SymbolicZero
 from jaxtyping import PyTree
 
 from ._failure import ON_FAILURE_CHOICES, CallSite, OnFailure, apply_policy
@@ -34,6 +34,18 @@ from ._solvers._auto import Auto
 from ._solvers._base import AbstractLinearSolver
 from ._solvers._least_squares import LeastSquares
 from ._solvers._preconditioner import AbstractPreconditioner
+from ._user_code import (
+    call_forward,
+    check_conditions_output,
+    hoist_closed_over_tracers,
+    input_names,
+    name_of,
+    unused_inputs,
+    warn_ignored_inputs,
+)
+
+# ‖c(x, y)‖ ≤ tol·(1 + ‖y‖) at the forward's output, by default.
+DEFAULT_CHECK_TOLERANCE = 1e-3
 
 
 class ImplicitFunction(eqx.Module):
@@ -83,7 +95,9 @@ class ImplicitFunction(eqx.Module):
     )
     has_byproduct: bool = eqx.field(default=False, static=True)
     on_failure: OnFailure = eqx.field(default="warn", static=True)
-    check_conditions: float | None = eqx.field(default=None, static=True)
+    check_conditions: float | None = eqx.field(
+        default=DEFAULT_CHECK_TOLERANCE, static=True
+    )
 
     def __check_init__(self):
         for name in ("forward", "conditions"):
@@ -110,10 +124,13 @@ class ImplicitFunction(eqx.Module):
                 f"ImplicitFunction: `on_failure` must be one of {ON_FAILURE_CHOICES}, "
                 f"got {self.on_failure!r}."
             )
-        if self.check_conditions is not None and not self.check_conditions > 0:
-            raise ValueError(
-                "ImplicitFunction: `check_conditions` must be a positive tolerance or "
-                f"None, got {self.check_conditions!r}."
+        if self.check_conditions is not None and not _is_positive(
+            self.check_conditions
+        ):
+            raise TypeError(
+                "ImplicitFunction: `check_conditions` must be a positive number (the "
+                "tolerance) or None (no check), got "
+                f"{self.check_conditions!r}."
             )
         if not isinstance(self.has_byproduct, bool):
             raise TypeError(
@@ -121,23 +138,32 @@ class ImplicitFunction(eqx.Module):
                 f"got {self.has_byproduct!r}."
             )
 
-    def __call__(self, x: PyTree, *args: Any) -> PyTree:
+    def __call__(self, x: PyTree, *args: Any, **kwargs: Any) -> PyTree:
         """Runs the forward.
 
         **Arguments:**
 
         - `x`: a pytree; its floating-point arrays are differentiable.
-        - `*args`: more inputs passed to `forward` and `conditions`, differentiable
-            like `x`.
+        - `*args`, `**kwargs`: more inputs passed to `forward` and `conditions`,
+            differentiable like `x`.
 
         **Returns:**
 
         `y`, or `(y, z)` when `has_byproduct=True`.
         """
         site = CallSite.of_caller()
-        forward, conditions = self._hoist_closed_over_tracers(x, args)
-        inputs = (conditions, x, args)
-        arrays, static_inputs = eqx.partition(inputs, eqx.is_array)
+        forward, conditions = hoist_closed_over_tracers(
+            self.forward,
+            self.conditions,
+            x,
+            args,
+            kwargs,
+            self._split_output,
+            self.has_byproduct,
+        )
+        arrays, static_inputs = eqx.partition(
+            (conditions, x, args, kwargs), eqx.is_array
+        )
         diff, nondiff = eqx.partition(arrays, is_inexact_array)
         held, static_self = eqx.partition(
             (forward, self.linear_solver, self.representation), eqx.is_array
@@ -145,89 +171,69 @@ class ImplicitFunction(eqx.Module):
         output_static = []  # filled by the primal: the forward's non-array outputs
 
         def unpack(diff, nondiff, held):
-            conditions, x, args = eqx.combine(diff, nondiff, static_inputs)
-            forward, solver, representation = eqx.combine(held, static_self)
-            return conditions, x, args, forward, solver, representation
+            inputs = eqx.combine(diff, nondiff, static_inputs)
+            return inputs, eqx.combine(held, static_self)
 
         @jax.custom_jvp
         def implicit(diff, nondiff, held):
-            conditions, x, args, forward, _, _ = unpack(diff, nondiff, held)
-            y, z = self._split_output(_call_forward(forward, x, args))
+            (conditions, x, args, kwargs), (forward, _, _) = unpack(diff, nondiff, held)
+            output = call_forward(forward, x, args, kwargs)
+            y, z = self._split_output(output)
             y = jax.tree.map(jnp.asarray, y)
-            self._check_conditions_output(conditions, x, y, z, args)
+            check_conditions_output(
+                lambda: self._conditions(conditions, x, y, z, args, kwargs),
+                y,
+                least_squares=isinstance(self.linear_solver, LeastSquares),
+                output_was_pair=not self.has_byproduct and _is_pair(output),
+            )
             if self.check_conditions is not None:
-                y = self._verify_solution(conditions, x, y, z, args, site)
+                y, z = self._verify_solution(conditions, x, y, z, args, kwargs, site)
             out_arrays, out_static = eqx.partition((y, z), eqx.is_array)
             output_static[:] = [out_static]
             return out_arrays
 
-        @implicit.defjvp
+        @ft.partial(implicit.defjvp, symbolic_zeros=True)
         def implicit_jvp(primals, tangents):
             diff, nondiff, held = primals
-            t_diff = tangents[0]
             out_arrays = implicit(diff, nondiff, held)
             y, z = eqx.combine(out_arrays, output_static[0])
-            _, _, _, _, solver, representation = unpack(diff, nondiff, held)
+            # Only the inputs being differentiated: the others' tangents are symbolic
+            # zeros, and linearising in them would be wasted work.
+            moving, still = eqx.partition(diff, _moving(tangents[0]))
+            t_moving = eqx.filter(tangents[0], _moving(tangents[0]))
+            _, (_, solver, representation) = unpack(diff, nondiff, held)
 
-            def c(diff, y):
-                conditions, x, args, _, _, _ = unpack(diff, nondiff, held)
-                return self._conditions(conditions, x, y, z, args)
+            def c(moving, y):
+                inputs, _ = unpack(eqx.combine(moving, still), nondiff, held)
+                conditions, x, args, kwargs = inputs
+                return self._conditions(conditions, x, y, z, args, kwargs)
 
-            _, A = jax.linearize(lambda y: c(diff, y), y)
-            _, B_t = jax.jvp(lambda d: c(d, y), (diff,), (t_diff,))
+            if not jax.tree.leaves(moving):
+                return out_arrays, jax.tree.map(_zero_tangent, out_arrays)
+            self._warn_ignored_inputs(lambda m: c(m, y), moving, site)
+            _, A = jax.linearize(lambda y: c(moving, y), y)
+            _, B = jax.linearize(lambda m: c(m, y), moving)
+            B_t = B(t_moving)
             # Through ravel, every leaf of the rhs is linear in the tangents, even a
             # condition that does not involve x (which JAX could not transpose).
             rhs = unravel(-ravel(B_t), structure(B_t))
             y_finite = all_finite(y)  # NaN y (a failed check): NaN in, not a failure
+            z_dot = jax.tree.map(_zero_tangent, out_arrays[1])
+            if self.check_conditions is not None:
+                rhs, z_dot = _poison_if_nan(y_finite, t_moving, rhs, z_dot)
             y_dot = solve_linearised(
                 A, rhs, y, y_finite, solver, representation, self.on_failure, site
             )
-            if self.check_conditions is not None:
-                # A product, not a `where`: its transpose keeps the NaN in reverse mode.
-                y_dot = jax.tree.map(
-                    lambda t: t * jnp.where(y_finite, 1, jnp.nan).astype(t.dtype), y_dot
-                )
-            z_dot = jax.tree.map(_zero_tangent, out_arrays[1])
             return out_arrays, (y_dot, z_dot)
 
         out_arrays = implicit(diff, nondiff, held)
         y, z = eqx.combine(out_arrays, output_static[0])
         return (y, z) if self.has_byproduct else y
 
-    def _hoist_closed_over_tracers(self, x, args):
-        """Makes the tracers that `forward` and `conditions` close over explicit.
-
-        A closure over a value being differentiated would otherwise leak a tracer into
-        the custom rule. Closure conversion turns those values into array leaves of the
-        functions: the conditions' floating ones are then differentiated like `x`, the
-        forward's get zero derivative (`y` depends on them only through `c`). Only
-        under a transformation, and only when a tracer is actually closed over: the
-        user's functions are otherwise called as they are.
-        """
-        forward, conditions = self.forward, self.conditions
-        if jax_core.trace_state_clean():
-            return forward, conditions
-        try:
-            converted = eqx.filter_closure_convert(forward, x, *args)
-            if _closes_over_tracers(converted):
-                forward = converted
-            if _is_plain_function(conditions):  # nothing it could close over
-                return forward, conditions
-            y, z = self._split_output(eqx.filter_eval_shape(converted, x, *args))
-        except Exception:
-            # JAX cannot trace this forward (NumPy, SciPy): it can close over no tracer,
-            # and a malformed output is reported when the forward runs.
-            return self.forward, conditions
-        extra = (z,) if self.has_byproduct else ()
-        converted = eqx.filter_closure_convert(conditions, x, y, *extra, *args)
-        if _closes_over_tracers(converted):
-            conditions = converted
-        return forward, conditions
-
     def _split_output(self, output):
         if not self.has_byproduct:
             y, z = output, None
-        elif isinstance(output, tuple) and len(output) == 2:
+        elif _is_pair(output):
             y, z = output
         else:
             raise TypeError(
@@ -236,64 +242,85 @@ class ImplicitFunction(eqx.Module):
             )
         leaves = jax.tree.leaves(y)
         if not leaves or not all(_is_inexact(leaf) for leaf in leaves):
+            hint = (
+                " It returned a tuple of two: if the second element is a byproduct, "
+                "pass has_byproduct=True."
+                if not self.has_byproduct and _is_pair(output)
+                else ""
+            )
             raise TypeError(
                 "ImplicitFunction: `forward` must return y as a non-empty pytree of "
-                f"floating-point arrays; got {_structure_or_repr(y)}."
+                f"floating-point arrays; got {_structure_or_repr(y)}." + hint
             )
         return y, z
 
-    def _conditions(self, conditions, x, y, z, args):
+    def _conditions(self, conditions, x, y, z, args, kwargs):
         if self.has_byproduct:
-            return conditions(x, y, z, *args)
-        return conditions(x, y, *args)
+            return conditions(x, y, z, *args, **kwargs)
+        return conditions(x, y, *args, **kwargs)
 
-    def _verify_solution(self, conditions, x, y, z, args, site):
+    def _verify_solution(self, conditions, x, y, z, args, kwargs, site):
         """Applies `on_failure` when ‖c(x, y)‖ > tol·(1 + ‖y‖): a forward that stopped
-        early must not yield derivatives that look fine."""
-        residual = _norm(self._conditions(conditions, x, y, z, args))
+        early must not yield outputs or derivatives that look fine. Returns `(y, z)`,
+        every floating leaf NaN on failure."""
+        residual = _norm(self._conditions(conditions, x, y, z, args, kwargs))
         failed = ~(residual <= self.check_conditions * (1 + _norm(y)))
         message = (
-            f"implicitdiff: the output of the forward {_name(self.forward)} does not "
+            f"implicitdiff: the output of the forward {name_of(self.forward)} does not "
             f"satisfy the conditions: ‖c(x, y)‖ > {self.check_conditions:g}·(1 + ‖y‖); "
-            f"y and its derivatives are NaN."
+            "every output and every derivative is NaN. Make the forward converge "
+            "further, or loosen the check (check_conditions=tol, or None to turn it "
+            "off)."
         )
-        return apply_policy(y, failed, self.on_failure, message, site)
+        floats, rest = eqx.partition((y, z), is_inexact_array)
+        floats = apply_policy(floats, failed, self.on_failure, message, site)
+        return eqx.combine(floats, rest)
 
-    def _check_conditions_output(self, conditions, x, y, z, args):
-        """Raises at trace time when c cannot pair with y."""
-        c_struct = jax.eval_shape(lambda: self._conditions(conditions, x, y, z, args))
-        y_struct = structure(y)
-        if isinstance(self.linear_solver, LeastSquares):
-            same = all(
-                jnp.issubdtype(leaf.dtype, jnp.inexact)
-                for leaf in jax.tree.leaves(c_struct)
-            )
-        else:
-            same = jax.tree.structure(c_struct) == jax.tree.structure(y_struct) and all(
-                a.shape == b.shape and a.dtype == b.dtype
-                for a, b in zip(
-                    jax.tree.leaves(c_struct), jax.tree.leaves(y_struct), strict=True
-                )
-            )
-        if not same:
-            raise ValueError(
-                "ImplicitFunction: `conditions` must return c with the same pytree "
-                "structure, shapes and dtypes as y (a square system); "
-                f"y is {y_struct} but c is {c_struct}. "
-                "For more conditions than unknowns use linear_solver=LeastSquares()."
-            )
+    def _warn_ignored_inputs(self, c_of_moving: Callable, moving, site) -> None:
+        leaves, treedef = jax.tree.flatten(moving)
+        ignored = unused_inputs(
+            lambda *leaves: c_of_moving(jax.tree.unflatten(treedef, leaves)), leaves
+        )
+        if ignored:
+            names = input_names(moving)
+            warn_ignored_inputs([names[i] for i in ignored], self.conditions, site)
 
 
-def _call_forward(forward, x, args):
-    try:
-        return forward(x, *args)
-    except Exception as error:
-        if hasattr(error, "add_note"):  # Python ≥ 3.11
-            error.add_note(
-                f"(raised by the forward {_name(forward)} of an "
-                "implicitdiff.ImplicitFunction)"
-            )
-        raise
+def _is_positive(value) -> bool:
+    return (
+        isinstance(value, (int, float, np.floating, np.integer))
+        and not isinstance(value, bool)
+        and 0 < value < float("inf")
+    )
+
+
+def _is_pair(output) -> bool:
+    return isinstance(output, tuple) and len(output) == 2
+
+
+def _moving(tangents):
+    """A filter spec: True for the leaves whose tangent is not a symbolic zero."""
+    return jax.tree.map(lambda t: not isinstance(t, SymbolicZero), tangents)
+
+
+def _poison_if_nan(y_finite, tangents, rhs, z_dot):
+    """Adds `p·Σtangents` to the rhs and to `z_dot`, with `p = 0` for a finite `y` and
+    NaN for a failed check: then every derivative is NaN, in forward mode and, by
+    transposition, in reverse mode, also with respect to inputs the conditions
+    ignore (whose cotangent is otherwise an exact zero)."""
+    poison = jnp.where(y_finite, 0.0, jnp.nan)
+    total = sum(jnp.sum(jnp.real(t)) for t in jax.tree.leaves(tangents))
+    term = poison * total
+
+    def add(leaf):
+        return leaf + term.astype(leaf.dtype)
+
+    def nan_tangent(leaf):
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            return leaf
+        return jnp.broadcast_to(term, leaf.shape).astype(leaf.dtype)
+
+    return jax.tree.map(add, rhs), jax.tree.map(nan_tangent, z_dot)
 
 
 def _is_inexact(leaf) -> bool:
@@ -301,20 +328,8 @@ def _is_inexact(leaf) -> bool:
     return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
 
 
-def _is_plain_function(fn) -> bool:
-    return isinstance(fn, types.FunctionType) and fn.__closure__ is None
-
-
-def _closes_over_tracers(converted) -> bool:
-    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(converted))
-
-
 def _norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.abs(leaf) ** 2) for leaf in jax.tree.leaves(tree)))
-
-
-def _name(fn) -> str:
-    return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
 def _zero_tangent(leaf):
@@ -358,8 +373,17 @@ ImplicitFunction.__init__.__doc__ = """**Arguments:**
     that runs in microseconds on CPU, time `"nan"` too: it keeps the fast dispatch,
     but XLA then runs any program it estimates above 1000 flops on a worker thread (a
     thread switch per call), and which costs more depends on the machine.
-- `check_conditions`: a tolerance, or `None` (default: no check). When set, the
-    forward's output is checked: if `‖c(x, y)‖ > tol·(1 + ‖y‖)` (2-norms over all
-    leaves) the forward did not solve the conditions, `y` becomes NaN and `on_failure`
-    applies. Costs one evaluation of the conditions per call.
+- `check_conditions`: a tolerance (default `1e-3`), or `None` to turn the check off.
+    The forward's output is checked on every call: if `‖c(x, y)‖ > tol·(1 + ‖y‖)`
+    (2-norms over all leaves) the forward did not solve the conditions (it stopped
+    early, or the conditions do not match it, say with `x` and `y` swapped): every
+    output and every derivative is NaN, and `on_failure` applies. Costs one
+    evaluation of the conditions per call. Conditions on a scale far from that of
+    `y` (`c = 10⁸·(y − x)`, say) may need their own tolerance.
+
+Inputs that are differentiated (floating arrays of `x`, `args` and `kwargs` that a
+derivative is taken with respect to) but that the conditions do not use get a
+`UserWarning` at trace time: their derivative is zero by construction. Pass such an
+input (an initial guess, a tolerance) through `jax.lax.stop_gradient`, or close over
+it in the forward.
 """

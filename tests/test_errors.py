@@ -28,7 +28,7 @@ def test_bad_options():
         idf.CG(preconditioner=idf.Direct())
     with pytest.raises(ValueError, match="representation"):
         idf.ImplicitFunction(jnp.sqrt, sqrt_conditions, representation="dense")
-    with pytest.raises(ValueError, match="check_conditions"):
+    with pytest.raises(TypeError, match="check_conditions"):
         idf.ImplicitFunction(jnp.sqrt, sqrt_conditions, check_conditions=-1.0)
     with pytest.raises(TypeError, match="has_byproduct"):
         idf.ImplicitFunction(jnp.sqrt, sqrt_conditions, has_byproduct="yes")

@@ -1,0 +1,213 @@
+"""The user's side of the implicit rule: calling `forward` and `conditions`, making
+the tracers they close over explicit, checking what they return, and errors and
+warnings that name the fix. The rule itself (`_implicit_function.py`) only calls in."""
+
+import types
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax._src import core as jax_core  # trace_state_clean: no public equivalent
+from jax.extend import core as jex_core
+
+from ._failure import CallSite
+from ._misc import structure
+
+# Raised when code converts a tracer to a Python or NumPy value: the forward is NumPy
+# or SciPy (or branches on its inputs in Python) and cannot run under a transform.
+_TRACER_ERRORS = (
+    jax.errors.TracerArrayConversionError,
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerBoolConversionError,
+    jax.errors.TracerIntegerConversionError,
+)
+
+
+class Precomputed(eqx.Module):
+    """A forward already run on concrete inputs: returns its output. Its arrays are
+    held by the forward, so they get zero derivative, as any forward's do."""
+
+    output: object
+
+    def __call__(self, *args, **kwargs):
+        return self.output
+
+
+def name_of(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def has_tracers(tree) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+
+
+def call_forward(forward: Callable, x, args, kwargs):
+    """Calls the forward; an exception gets a note naming it, and a forward that
+    cannot run on traced values gets an error that names the fix."""
+    try:
+        return forward(x, *args, **kwargs)
+    except _TRACER_ERRORS as error:
+        raise _untraceable_forward_error(forward) from error
+    except Exception as error:
+        error.add_note(
+            f"(raised by the forward {name_of(forward)} of an "
+            "implicitdiff.ImplicitFunction)"
+        )
+        raise
+
+
+def _untraceable_forward_error(forward) -> TypeError:
+    return TypeError(
+        f"ImplicitFunction: the forward {name_of(forward)} cannot run on traced values "
+        "(it converts its inputs to NumPy, or branches on them in Python), and its "
+        "inputs are traced here (under jax.jit, jax.vmap, or a derivative with respect "
+        "to them). Wrap it so that it runs on the host: "
+        "forward = implicitdiff.host(forward, result_shape=...)."
+    )
+
+
+def hoist_closed_over_tracers(
+    forward: Callable,
+    conditions: Callable,
+    x,
+    args,
+    kwargs,
+    split_output: Callable,
+    has_byproduct: bool,
+) -> tuple[Callable, Callable]:
+    """Makes the tracers that `forward` and `conditions` close over explicit.
+
+    A closure over a value being differentiated would otherwise leak a tracer into the
+    custom rule. Closure conversion turns those values into array leaves of the
+    functions: the conditions' floating ones are then differentiated like `x`, the
+    forward's get zero derivative (`y` depends on them only through `c`). Only under a
+    transformation, and only when a tracer is actually closed over (also through a
+    default argument): the user's functions are otherwise called as they are.
+
+    A forward that JAX cannot trace (NumPy, SciPy) is run here, on its concrete inputs,
+    and replaced by its output; with traced inputs it is left to run on the concrete
+    primal values inside the rule, which `call_forward` turns into an error naming the
+    fix when they are not concrete either (under `jit`).
+    """
+    if jax_core.trace_state_clean():
+        return forward, conditions
+    try:
+        converted = _closure_convert(forward, x, *args, **kwargs)
+        output_structure = converted.out_struct
+        if has_tracers(converted):
+            forward = converted
+    except _TRACER_ERRORS:
+        if has_tracers((x, args, kwargs)):
+            # It may still run on the concrete primal values inside the rule (under
+            # `grad` without `jit`); if not, `call_forward` names the fix. Its output
+            # is unknown here: the conditions are converted for a `y` shaped like `x`.
+            return forward, _try_convert(conditions, x, (x, x), args, kwargs, False)
+        forward = Precomputed(call_forward(forward, x, args, kwargs))
+        output_structure = forward.output
+    y_and_z = split_output(output_structure)
+    return forward, _try_convert(conditions, x, y_and_z, args, kwargs, has_byproduct)
+
+
+def _try_convert(conditions, x, y_and_z, args, kwargs, has_byproduct):
+    """The conditions, closure-converted if they close over a tracer."""
+    if not _may_close_over_tracers(conditions):
+        return conditions
+    y, z = y_and_z
+    extra = (z,) if has_byproduct else ()
+    try:
+        converted = _closure_convert(conditions, x, y, *extra, *args, **kwargs)
+    except Exception:  # reported with a note when the conditions are first called
+        return conditions
+    return converted if has_tracers(converted) else conditions
+
+
+def _closure_convert(fn, *args, **kwargs):
+    """`equinox.filter_closure_convert`, also for a function without a closure whose
+    default arguments are traced (equinox passes closure-free functions through)."""
+    return eqx.filter_closure_convert(
+        lambda *args, **kwargs: fn(*args, **kwargs), *args, **kwargs
+    )
+
+
+def _may_close_over_tracers(fn) -> bool:
+    """False for a plain function with no closure and no traced default argument."""
+    if not isinstance(fn, types.FunctionType) or fn.__closure__ is not None:
+        return True
+    return has_tracers((fn.__defaults__, fn.__kwdefaults__))
+
+
+def unused_inputs(fn: Callable, leaves: list) -> list[int]:
+    """The indices of `leaves` that `fn(*leaves)` does not use at all (found in its
+    jaxpr at trace time: no equation and no output reads them)."""
+    jaxpr = jax.make_jaxpr(fn)(*leaves).jaxpr
+    used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars if _is_var(v)}
+    used |= {id(v) for v in jaxpr.outvars if _is_var(v)}
+    return [i for i, v in enumerate(jaxpr.invars) if id(v) not in used]
+
+
+def _is_var(v) -> bool:
+    return isinstance(v, jex_core.Var) and not isinstance(v, jex_core.Literal)
+
+
+def warn_ignored_inputs(names: list[str], conditions, site: CallSite) -> None:
+    """Warns, once per call site, that differentiated inputs do not reach the
+    conditions: their derivative is zero by construction."""
+    site.warn(
+        f"implicitdiff: the conditions {name_of(conditions)} do not depend on the "
+        f"differentiated input(s) {', '.join(names)}: by the implicit function "
+        "theorem their derivative is zero, whatever the forward does with them. If "
+        "that is meant (an initial guess, a tolerance), pass them through "
+        "jax.lax.stop_gradient or close over them in the forward; otherwise the "
+        "conditions are missing a dependence.",
+        UserWarning,
+    )
+
+
+def input_names(diff) -> list[str]:
+    """Readable names of the leaves of `diff = (conditions, x, args, kwargs)`."""
+    roots = ("conditions", "x", "args", "kwargs")
+    names = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(diff)[0]:
+        root, rest = roots[path[0].idx], jax.tree_util.keystr(path[1:])
+        names.append(root + rest)
+    return names
+
+
+def check_conditions_output(
+    conditions_fn: Callable, y, least_squares: bool, output_was_pair: bool
+) -> None:
+    """Raises at trace time when `c` cannot pair with `y`, and adds a hint to an
+    exception raised by the conditions themselves."""
+    try:
+        c_struct = jax.eval_shape(conditions_fn)
+    except Exception as error:
+        if output_was_pair:
+            error.add_note(
+                "(implicitdiff: the forward returned a tuple of two: if the second "
+                "element is a byproduct, pass has_byproduct=True to ImplicitFunction, "
+                "so that y is the first and the conditions receive (x, y, z, *args))"
+            )
+        raise
+    y_struct = structure(y)
+    c_leaves, y_leaves = jax.tree.leaves(c_struct), jax.tree.leaves(y_struct)
+    if least_squares:
+        same = all(jnp.issubdtype(leaf.dtype, jnp.inexact) for leaf in c_leaves)
+    else:
+        same = jax.tree.structure(c_struct) == jax.tree.structure(y_struct) and all(
+            a.shape == b.shape and a.dtype == b.dtype
+            for a, b in zip(c_leaves, y_leaves, strict=True)
+        )
+    if not same:
+        hint = (
+            " The forward returned a tuple of two: if the second element is a "
+            "byproduct, pass has_byproduct=True."
+            if output_was_pair
+            else ""
+        )
+        raise ValueError(
+            "ImplicitFunction: `conditions` must return c with the same pytree "
+            "structure, shapes and dtypes as y (a square system); "
+            f"y is {y_struct} but c is {c_struct}. "
+            "For more conditions than unknowns use linear_solver=LeastSquares()." + hint
+        )

@@ -1,0 +1,244 @@
+"""A user's mistakes and habits: the default condition check, inputs the conditions
+ignore, closures, keyword arguments, and errors that name the fix."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import newton_sqrt, ridge_data, ridge_dw_dlam, ridge_solution
+
+import implicitdiff as idf
+
+X = jnp.array([1.0, 4.0, 9.0])
+SQRT_JACOBIAN = np.diag(0.5 / np.sqrt(np.asarray(X)))
+
+
+def caught(fn, *args):
+    """`fn(*args)` and the texts of the warnings it emitted."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        result = fn(*args)
+    return result, [str(w.message) for w in record]
+
+
+# The default condition check.
+
+
+def test_default_check_catches_swapped_arguments():
+    # conditions(y, x) instead of conditions(x, y): without the check the gradient
+    # would be the finite, wrong [2, 8, 18].
+    swapped = idf.ImplicitFunction(newton_sqrt, lambda y, x: y**2 - x)
+    grad, messages = caught(jax.grad(lambda x: swapped(x).sum()), X)
+    assert bool(jnp.all(jnp.isnan(grad)))
+    assert any("does not satisfy the conditions" in m for m in messages)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_default_check_is_quiet_on_converged_forwards(dtype):
+    sqrt = idf.ImplicitFunction(newton_sqrt, lambda x, y: y**2 - x)
+    jacobian, messages = caught(jax.jacrev(sqrt), X.astype(dtype))
+    assert messages == []
+    rtol = 1e-5 if dtype == jnp.float32 else 1e-12
+    np.testing.assert_allclose(jacobian, SQRT_JACOBIAN, rtol=rtol)
+
+
+def test_default_check_catches_an_optimiser_stopped_early():
+    optax = pytest.importorskip("optax")
+    A, t = ridge_data()
+
+    def forward(lam, steps):
+        optimiser = optax.sgd(1e-3)
+
+        def step(_, carry):
+            w, state = carry
+            updates, state = optimiser.update(conditions(lam, w), state)
+            return optax.apply_updates(w, updates), state
+
+        w = jnp.zeros(A.shape[1])
+        return jax.lax.fori_loop(0, steps, step, (w, optimiser.init(w)))[0]
+
+    def conditions(lam, w):
+        return A.T @ (A @ w - t) + lam * w
+
+    stopped = idf.ImplicitFunction(lambda lam: forward(lam, 5), conditions)
+    value, messages = caught(jax.grad(lambda lam: stopped(lam).sum()), 1.0)
+    assert bool(jnp.isnan(value)) and messages
+    converged = idf.ImplicitFunction(lambda lam: forward(lam, 20_000), conditions)
+    value, messages = caught(jax.grad(lambda lam: converged(lam).sum()), 1.0)
+    np.testing.assert_allclose(value, ridge_dw_dlam(1.0, A, t).sum(), rtol=1e-6)
+    assert messages == []
+
+
+@pytest.mark.filterwarnings("ignore:implicitdiff. the conditions:UserWarning")
+@pytest.mark.parametrize("direction", ["jacfwd", "grad"])
+def test_failed_check_makes_every_output_and_derivative_nan(direction):
+    # `scale` reaches the forward and the byproduct, not the conditions: its derivative
+    # would be an exact 0 (or a finite byproduct) without the poisoning.
+    def forward(x, scale):
+        return x + 1.0, scale * x  # misses c = y − x by 1
+
+    f = idf.ImplicitFunction(
+        forward, lambda x, y, z, scale: y - x, has_byproduct=True, on_failure="nan"
+    )
+    y, z = f(X, 2.0)
+    assert bool(jnp.all(jnp.isnan(y))) and bool(jnp.all(jnp.isnan(z)))
+
+    def total(x, scale):
+        y, z = f(x, scale)
+        return y.sum() + z.sum()
+
+    if direction == "grad":
+        derivatives = jax.grad(total, argnums=(0, 1))(X, 2.0)
+    else:
+        derivatives = jax.jacfwd(total, argnums=(0, 1))(X, 2.0)
+    for leaf in jax.tree.leaves(derivatives):
+        assert bool(jnp.all(jnp.isnan(leaf)))
+
+
+@pytest.mark.parametrize("bad", [True, "1e-3", 0.0, -1.0, float("inf"), [1e-3]])
+def test_check_conditions_must_be_a_positive_number_or_none(bad):
+    with pytest.raises(TypeError, match="check_conditions.*positive number"):
+        idf.ImplicitFunction(jnp.sqrt, lambda x, y: y**2 - x, check_conditions=bad)
+
+
+def test_check_conditions_none_turns_it_off():
+    swapped = idf.ImplicitFunction(
+        newton_sqrt, lambda y, x: y**2 - x, check_conditions=None
+    )
+    grad, messages = caught(jax.grad(lambda x: swapped(x).sum()), X)
+    assert bool(jnp.all(jnp.isfinite(grad))) and messages == []
+
+
+# Inputs the conditions ignore.
+
+
+def guess_forward(x, guess):
+    return newton_sqrt(x) + 0.0 * guess
+
+
+def test_warns_once_per_call_site_for_an_input_the_conditions_ignore():
+    f = idf.ImplicitFunction(guess_forward, lambda x, y, guess: y**2 - x)
+    grad = jax.grad(lambda x, g: f(x, g).sum(), argnums=(0, 1))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            (dx, dguess) = grad(X, jnp.ones(3))
+    messages = [str(w.message) for w in record if w.category is UserWarning]
+    assert len(messages) == 1 and "args[0]" in messages[0]
+    assert "stop_gradient" in messages[0]
+    np.testing.assert_allclose(dx, np.diag(SQRT_JACOBIAN), rtol=1e-12)
+    np.testing.assert_array_equal(dguess, 0.0)
+
+
+def test_no_warning_for_inputs_that_are_not_differentiated_or_are_stopped():
+    f = idf.ImplicitFunction(guess_forward, lambda x, y, guess: y**2 - x)
+    _, messages = caught(jax.grad(lambda x: f(x, jnp.ones(3)).sum()), X)
+    assert messages == []
+    stopped = jax.grad(
+        lambda x, g: f(x, jax.lax.stop_gradient(g)).sum(), argnums=(0, 1)
+    )
+    _, messages = caught(stopped, X, jnp.ones(3))
+    assert messages == []
+
+
+def test_warning_names_a_keyword_argument():
+    f = idf.ImplicitFunction(
+        lambda x, guess: guess_forward(x, guess), lambda x, y, guess: y**2 - x
+    )
+    _, messages = caught(jax.jacfwd(lambda g: f(X, guess=g)), jnp.ones(3))
+    assert any("kwargs['guess']" in m for m in messages)
+
+
+# Closures.
+
+
+def test_numpy_forward_with_conditions_closing_over_the_differentiated_value():
+    x = jnp.array([2.0, 3.0])
+
+    def total(b):
+        forward = lambda x: np.sqrt(np.asarray(x) * 2.0)  # noqa: E731  (b = 2 here)
+        return idf.ImplicitFunction(forward, lambda x, y: y**2 - x * b)(x).sum()
+
+    # y = √(x b): dy/db = x / (2 √(x b)).
+    expected = np.sum(np.asarray(x) / (2 * np.sqrt(np.asarray(x) * 2.0)))
+    np.testing.assert_allclose(jax.grad(total)(2.0), expected, rtol=1e-12)
+
+
+def test_conditions_capturing_a_tracer_through_a_default_argument():
+    x = jnp.array([2.0, 3.0])
+
+    def total(a):
+        return idf.ImplicitFunction(
+            lambda x: jnp.sqrt(x * a), lambda x, y, a=a: y**2 - x * a
+        )(x).sum()
+
+    expected = np.sum(np.asarray(x) / (2 * np.sqrt(np.asarray(x) * 2.0)))
+    np.testing.assert_allclose(jax.grad(total)(2.0), expected, rtol=1e-12)
+    np.testing.assert_allclose(jax.jit(jax.grad(total))(2.0), expected, rtol=1e-12)
+
+
+# Keyword arguments.
+
+
+def ridge(**options):
+    def forward(X, *, lam, t):
+        return ridge_solution(lam, X, t)
+
+    def conditions(X, w, *, lam, t):
+        return X.T @ (X @ w - t) + lam * w
+
+    return idf.ImplicitFunction(forward, conditions, **options)
+
+
+@pytest.mark.parametrize(
+    "transform", ["jvp", "jacfwd", "grad", "jacrev", "jit-grad", "vmap-grad"]
+)
+def test_keyword_arguments_are_differentiable(transform):
+    A, t = ridge_data()
+    f = ridge()
+    total = lambda lam: f(A, lam=lam, t=t).sum()  # noqa: E731
+    expected = float(ridge_dw_dlam(0.5, A, t).sum())
+    if transform == "jvp":
+        value = jax.jvp(total, (0.5,), (1.0,))[1]
+    elif transform == "jacfwd":
+        value = jax.jacfwd(lambda lam: f(A, lam=lam, t=t))(0.5).sum()
+    elif transform == "jacrev":
+        value = jax.jacrev(lambda lam: f(A, lam=lam, t=t))(0.5).sum()
+    elif transform == "grad":
+        value = jax.grad(total)(0.5)
+    elif transform == "jit-grad":
+        value = jax.jit(jax.grad(total))(0.5)
+    else:
+        value = jax.vmap(jax.grad(total))(jnp.array([0.5, 0.5]))[1]
+    np.testing.assert_allclose(value, expected, rtol=1e-10)
+
+
+def test_jaxopt_style_call_with_keywords_only():
+    A, t = ridge_data()
+    f = idf.ImplicitFunction(
+        lambda _, X, lam, t: ridge_solution(lam, X, t),
+        lambda _, w, X, lam, t: X.T @ (X @ w - t) + lam * w,
+    )
+    grad = jax.grad(lambda lam: f(None, X=A, lam=lam, t=t).sum())(0.5)
+    np.testing.assert_allclose(grad, ridge_dw_dlam(0.5, A, t).sum(), rtol=1e-10)
+
+
+# Errors that name the fix.
+
+
+def test_numpy_forward_under_jit_names_host():
+    f = idf.ImplicitFunction(lambda x: np.sqrt(np.asarray(x)), lambda x, y: y**2 - x)
+    with pytest.raises(TypeError, match=r"implicitdiff\.host\(forward"):
+        jax.jit(f)(X)
+
+
+@pytest.mark.parametrize("byproduct", [lambda x: 1.0 * x, lambda x: jnp.sum(x)])
+def test_forgotten_has_byproduct_is_named(byproduct):
+    forward = lambda x: (jnp.sqrt(x), byproduct(x))  # noqa: E731
+    for conditions in (lambda x, y, z: y**2 - x, lambda x, y: y**2 - x):
+        with pytest.raises(Exception) as info:
+            idf.ImplicitFunction(forward, conditions)(X)
+        text = str(info.value) + " ".join(getattr(info.value, "__notes__", []))
+        assert "has_byproduct=True" in text
