@@ -45,6 +45,8 @@ def main() -> int:
         help="copy examples/figures/*.png into docs/figures/ after a clean run",
     )
     args = parser.parse_args()
+    if args.update_docs_figures and args.quick:
+        parser.error("--update-docs-figures publishes full runs only, not --quick")
     unknown = sorted(set(args.names) - set(ORDER))
     if unknown:
         parser.error(f"unknown example(s) {unknown}; choose from {ORDER}")

@@ -13,7 +13,9 @@ import matplotlib
 matplotlib.use("Agg")  # no display needed, and identical output everywhere
 
 QUICK = os.environ.get("IMPLICITDIFF_QUICK") == "1"
-FIGURES = Path(__file__).resolve().parent / "figures"
+# Quick runs write their figures apart (untracked): the published ones come from full
+# runs, and a reduced run must never overwrite them.
+FIGURES = Path(__file__).resolve().parent / "figures" / ("quick" if QUICK else "")
 
 
 class Checks:
@@ -47,8 +49,9 @@ class Checks:
 
 
 def save_figure(fig, name: str) -> Path:
-    """Writes `fig` to examples/figures/<name>.png and says where."""
-    FIGURES.mkdir(exist_ok=True)
+    """Writes `fig` to examples/figures/<name>.png (examples/figures/quick/ in a quick
+    run) and says where."""
+    FIGURES.mkdir(parents=True, exist_ok=True)
     path = FIGURES / f"{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     print(f"figure written to {path}")

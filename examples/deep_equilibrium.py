@@ -82,7 +82,10 @@ class DEQClassifier(eqx.Module):
     def __call__(self, x):
         if self.implicit:
             forward = eqx.Partial(fixed_point, self.cell, self.iterations)
-            z = idf.ImplicitFunction(forward, self.cell)(x)
+            # A fixed iteration count (the memory comparison) stops short of the
+            # fixed point on purpose: the default condition check would refuse it.
+            checked = {} if self.iterations is None else {"check_conditions": None}
+            z = idf.ImplicitFunction(forward, self.cell, **checked)(x)
         else:  # backpropagation through the unrolled iterations
             z = fixed_point(self.cell, self.iterations, x)
         return self.readout(z)

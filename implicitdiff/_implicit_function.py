@@ -211,7 +211,7 @@ class ImplicitFunction(eqx.Module):
             if not jax.tree.leaves(moving):
                 return out_arrays, jax.tree.map(_zero_tangent, out_arrays)
             self._warn_ignored_inputs(lambda m: c(m, y), moving, site)
-            _, A = jax.linearize(lambda y: c(moving, y), y)
+            A = _linearise(lambda y: c(moving, y), y)
             _, B = jax.linearize(lambda m: c(m, y), moving)
             B_t = B(t_moving)
             # Through ravel, every leaf of the rhs is linear in the tangents, even a
@@ -284,6 +284,23 @@ class ImplicitFunction(eqx.Module):
         if ignored:
             names = input_names(moving)
             warn_ignored_inputs([names[i] for i in ignored], self.conditions, site)
+
+
+def _linearise(fn: Callable, y) -> Callable:
+    """`v ↦ ∂fn/∂y·v`, batchable. The linearisation of a `jax.custom_vjp` inside `fn`
+    can only be transposed, not evaluated under `vmap` (solvers materialise and probe
+    the operator that way), so then it is the transpose of `fn`'s VJP, which calls the
+    custom rule."""
+    c, A = jax.linearize(fn, y)
+    try:
+        jax.eval_shape(jax.vmap(A), jax.tree.map(lambda leaf: leaf[None], y))
+        return A
+    except TypeError as error:
+        if "custom_vjp" not in str(error):
+            raise
+    _, vjp = jax.vjp(fn, y)
+    A_transposed = jax.linear_transpose(lambda u: vjp(u)[0], structure(c))
+    return lambda v: A_transposed(v)[0]
 
 
 def _is_positive(value) -> bool:

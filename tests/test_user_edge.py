@@ -242,3 +242,37 @@ def test_forgotten_has_byproduct_is_named(byproduct):
             idf.ImplicitFunction(forward, conditions)(X)
         text = str(info.value) + " ".join(getattr(info.value, "__notes__", []))
         assert "has_byproduct=True" in text
+
+
+# A custom_vjp inside the conditions: reverse mode works through its rule.
+
+
+@jax.custom_vjp
+def scaled_square(a, y):
+    return a * y**2
+
+
+def _scaled_square_bwd(residuals, g):
+    a, y = residuals
+    return jnp.sum(g * y**2), 2 * a * y * g
+
+
+scaled_square.defvjp(lambda a, y: (a * y**2, (a, y)), _scaled_square_bwd)
+
+
+@pytest.mark.parametrize("solver", [idf.Direct(), idf.GMRES()], ids=["Direct", "GMRES"])
+def test_custom_vjp_in_the_conditions(solver):
+    # a·y² = x: y = √(x/a), dy/dx = 1/(2√(a x)), dy/da = −√x / (2 a^{3/2}).
+    f = idf.ImplicitFunction(
+        lambda x, a: jnp.sqrt(x / a),
+        lambda x, y, a: scaled_square(a, y) - x,
+        linear_solver=solver,
+    )
+    a = 2.0
+    dx, da = jax.jit(jax.grad(lambda x, a: f(x, a).sum(), argnums=(0, 1)))(X, a)
+    np.testing.assert_allclose(dx, 1 / (2 * np.sqrt(a * np.asarray(X))), rtol=1e-10)
+    expected_da = np.sum(-np.sqrt(np.asarray(X)) / (2 * a**1.5))
+    np.testing.assert_allclose(da, expected_da, rtol=1e-10)
+    np.testing.assert_allclose(
+        jax.jacrev(f)(X, a), np.diag(1 / (2 * np.sqrt(a * np.asarray(X)))), rtol=1e-10
+    )
