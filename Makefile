@@ -1,44 +1,56 @@
-# Two commands on a fresh machine: `make demo` and `make test`.
+# Two commands on a fresh machine: `make demo` and `make test`. Each installs only
+# what it needs into .venv: the package alone for the demo, plus one extra per target
+# (test, examples, docs, bench), each installed once (a stamp file per extra).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+SITE_PORT ?= 8000
 
-.PHONY: venv demo test lint format examples docs bench bench-quick clean
+.PHONY: venv demo test lint format examples docs serve bench bench-quick clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,examples,docs,bench]"
+	$(PY) -m pip install --quiet -e .
 	touch $@
 
-venv: $(VENV)/.installed
+$(VENV)/.extra-%: $(VENV)/.base
+	$(PY) -m pip install --quiet -e ".[$*]"
+	touch $@
 
-demo: venv
+# Everything (what CI uses).
+venv: $(VENV)/.extra-test $(VENV)/.extra-examples $(VENV)/.extra-docs $(VENV)/.extra-bench
+
+demo: $(VENV)/.base
 	$(PY) examples/quickstart.py
 
-test: venv
+test: $(VENV)/.extra-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -n 2 tests
 
-lint: venv
+lint: $(VENV)/.extra-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-format: venv
+format: $(VENV)/.extra-test
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-examples: venv
+examples: $(VENV)/.extra-examples
 	IMPLICITDIFF_QUICK=1 $(PY) -m examples
 
-docs: venv
+docs: $(VENV)/.extra-docs
 	$(PY) -m mkdocs build --strict
 
-bench: venv
+# The site over HTTP (its search needs it): http://localhost:$(SITE_PORT)/
+serve: docs
+	$(PY) -m http.server $(SITE_PORT) --directory site
+
+bench: $(VENV)/.extra-bench
 	$(PY) -m benchmarks
 
-bench-quick: venv
+bench-quick: $(VENV)/.extra-bench
 	$(PY) -m benchmarks --quick
 
 clean:

@@ -1,6 +1,6 @@
 """implicitdiff: implicit differentiation in JAX."""
 
-import importlib.metadata
+import importlib.metadata as _metadata
 
 from ._host import host as host
 from ._implicit_function import ImplicitFunction as ImplicitFunction
@@ -29,4 +29,11 @@ from ._sparse._operator import (
 )
 from ._sparse._representation import Sparse as Sparse
 
-__version__ = importlib.metadata.version("implicitdiff")
+__version__ = _metadata.version("implicitdiff")
+
+__all__ = sorted(name for name in list(globals()) if not name.startswith("_"))
+
+
+def __dir__() -> list[str]:
+    """Only the public names (not the private modules or helpers)."""
+    return [*__all__, "__version__"]

@@ -276,3 +276,12 @@ def test_custom_vjp_in_the_conditions(solver):
     np.testing.assert_allclose(
         jax.jacrev(f)(X, a), np.diag(1 / (2 * np.sqrt(a * np.asarray(X)))), rtol=1e-10
     )
+
+
+def test_dir_lists_only_public_names():
+    names = dir(idf)
+    assert "importlib" not in names and not any(
+        name.startswith("_") and name != "__version__" for name in names
+    )
+    assert {"ImplicitFunction", "Direct", "SolveLog", "linear_solve"} <= set(names)
+    assert all(hasattr(idf, name) for name in idf.__all__)
