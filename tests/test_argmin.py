@@ -49,21 +49,20 @@ def logistic(log_lam, params, X, t):
     return jnp.mean(jnp.logaddexp(0.0, -margins)) + penalty
 
 
-def test_logistic_regression_pytree_gradient_and_hessian_vs_finite_differences():
+def test_logistic_regression_pytree_gradient_vs_finite_differences():
     X, scores = ridge_data(n_samples=40, n_features=3, seed=1)
     t = jnp.sign(scores)
     solve = idf.argmin(logistic, optax.lbfgs(), tol=1e-12, max_steps=200)
     init = {"w": jnp.zeros(3), "b": jnp.zeros(())}
-    valid = lambda s: (
-        jnp.sum(solve(s, X, t, init=init)["w"]) + solve(s, X, t, init=init)["b"]
-    )
-    log_lam = jnp.log(0.1)
-    h = 1e-4
-    value, grad = jax.jit(valid), jax.jit(jax.grad(valid))
+
+    def valid(log_lam):
+        params = solve(log_lam, X, t, init=init)
+        return jnp.sum(params["w"]) + params["b"]
+
+    log_lam, h = jnp.log(0.1), 1e-4
+    value = jax.jit(valid)
     fd = (value(log_lam + h) - value(log_lam - h)) / (2 * h)
-    np.testing.assert_allclose(grad(log_lam), fd, rtol=1e-6)
-    fd2 = (grad(log_lam + h) - grad(log_lam - h)) / (2 * h)
-    np.testing.assert_allclose(jax.jit(jax.hessian(valid))(log_lam), fd2, rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(jax.grad(valid))(log_lam), fd, rtol=1e-6)
 
 
 def test_float32_and_options_are_honoured():
@@ -80,11 +79,9 @@ def test_float32_and_options_are_honoured():
     assert solve.implicit.check_conditions == 1e-4
     assert isinstance(solve.implicit.linear_solver, idf.CG)
     lam = jnp.float32(0.7)
-    w = solve(lam, X, t, init=jnp.zeros(4, jnp.float32))
-    assert w.dtype == jnp.float32
-    jac = jax.jit(
-        jax.jacrev(lambda lam: solve(lam, X, t, init=jnp.zeros(4, jnp.float32)))
-    )(lam)
+    w_of = lambda lam: solve(lam, X, t, init=jnp.zeros(4, jnp.float32))
+    w, jac = jax.jit(lambda lam: (w_of(lam), jax.jacrev(w_of)(lam)))(lam)
+    assert w.dtype == jac.dtype == jnp.float32
     np.testing.assert_allclose(jac, ridge_dw_dlam(0.7, *ridge_data()), rtol=1e-3)
 
 
