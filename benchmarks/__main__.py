@@ -22,6 +22,7 @@ SUITES = (
     "fixed_point_memory",
     "overhead_small",
     "batched",
+    "optimisers",
 )
 
 

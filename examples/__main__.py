@@ -25,6 +25,7 @@ ORDER = [
     "bilevel_hyperparameters",
     "custom_solver",
     "pde_inverse_problem",
+    "constrained_bilevel",
 ]
 
 

@@ -2,6 +2,8 @@
 
 import importlib.metadata as _metadata
 
+from . import conditions as conditions, projections as projections, prox as prox
+from ._argmin import Argmin as Argmin, argmin as argmin
 from ._host import host as host
 from ._implicit_function import ImplicitFunction as ImplicitFunction
 from ._linear_solve import linear_solve as linear_solve
