@@ -293,3 +293,31 @@ def test_kkt_with_equalities_only_has_a_none_dual():
     for mode in (jax.jacfwd, jax.jacrev):
         jac = jax.jit(mode(lambda q: solve(q)[0]))(q)
         np.testing.assert_allclose(jac, expected, atol=1e-12)
+
+
+def test_keyword_arguments_reach_the_user_functions_and_are_differentiated():
+    # Ridge, argmin_w ½‖Xw − t‖² + ½λ‖w‖², with the data and λ as keyword arguments:
+    # dw/dλ = −(XᵀX + λI)⁻¹ w.
+    rng = np.random.default_rng(3)
+    X, t = jnp.asarray(rng.normal(size=(8, 3))), jnp.asarray(rng.normal(size=8))
+
+    def f(_, w, *, X, t, lam):
+        return 0.5 * jnp.sum((X @ w - t) ** 2) + 0.5 * lam * jnp.sum(w**2)
+
+    def forward(_, *, X, t, lam):
+        return jnp.linalg.solve(X.T @ X + lam * jnp.eye(3), X.T @ t)
+
+    ridge = idf.ImplicitFunction(forward, conditions.stationary(f))
+    lam = 0.7
+    w = forward(None, X=X, t=t, lam=lam)
+    expected = -jnp.linalg.solve(X.T @ X + lam * jnp.eye(3), w)
+    dw = jax.jacfwd(lambda lam: ridge(None, X=X, t=t, lam=lam))(lam)
+    np.testing.assert_allclose(dw, expected, rtol=1e-10)
+    dsum = jax.grad(lambda lam: ridge(None, X=X, t=t, lam=lam).sum())(lam)
+    np.testing.assert_allclose(dsum, expected.sum(), rtol=1e-10)
+    optax = pytest.importorskip("optax")
+    solve = idf.argmin(f, optax.lbfgs(), tol=1e-10, max_steps=200)
+    dsum = jax.grad(
+        lambda lam: solve(None, X=X, t=t, lam=lam, init=jnp.zeros(3)).sum()
+    )(lam)
+    np.testing.assert_allclose(dsum, expected.sum(), rtol=1e-7)
