@@ -1,15 +1,10 @@
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+from jaxtyping import Array, Float, Inexact
 
 from .._misc import max_or_nan, nan_unless, ravel, singular_threshold, unravel
 from ._base import AbstractLinearSolver
 from ._condition import norm1_estimate
-
-# LAPACK (and so jax.scipy.linalg.lu_factor) has no 16-bit floating-point LU.
-_FACTOR_DTYPE = {
-    jnp.dtype(jnp.float16): jnp.dtype(jnp.float32),
-    jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.float32),
-}
 
 
 class Direct(AbstractLinearSolver):
@@ -21,47 +16,55 @@ class Direct(AbstractLinearSolver):
 
     **Certificate.** `presolve` also estimates `κ = max(κ₁(A), κ∞(A))` from the
     factors (Hager's estimator with Higham's extra vector for `‖A⁻¹‖₁` and
-    `‖A⁻¹‖∞`, a few triangular solves each, `O(n²)` next to the `O(n³)`
-    factorisation; the exact `‖A‖₁` and `‖A‖∞`). When `κ > 1/(√n·ε)` (ε the machine
-    precision of the dtype), a pivot is zero, or anything is not finite, the system
-    is numerically singular: `certify` says so at no extra cost, and every solution
-    is all NaN. The estimate is the same for `A` and `Aᵀ` up to rounding, so forward
-    mode (which factorises `A`) and reverse mode (`Aᵀ`) refuse the same systems;
-    pivot sizes, which differ between the two factorisations, decide nothing.
+    `‖A⁻¹‖∞`, about twenty triangular solves of one vector, `O(n²)` next to the
+    `O(n³)` factorisation; the exact `‖A‖₁` and `‖A‖∞`). When `κ > 1/(√n·ε)` (ε the
+    machine precision of the dtype), a pivot is zero, or anything is not finite, the
+    system is numerically singular:
+    [`certify`][implicitdiff.AbstractLinearSolver.certify] says so at no extra cost,
+    and every solution is all NaN. The estimate is the same for `A` and `Aᵀ` up to
+    rounding, so forward mode (which factorises `A`) and reverse mode (`Aᵀ`) refuse
+    the same systems; pivot sizes, which differ between the two factorisations,
+    decide nothing.
 
-    16-bit floats (`float16`, `bfloat16`) are factorised and solved in float32 and
-    the solution rounded back; the threshold is that of the 16-bit type. Complex
-    matrices are supported.
+    16-bit floats (`float16`, `bfloat16`) are factorised and solved in float32 (LAPACK
+    has no 16-bit LU) and the solution rounded back; the threshold is that of the
+    16-bit type. Complex matrices are supported.
     """
 
     def presolve(self, A, y):
         matrix = A.as_matrix()
-        n = matrix.shape[0]
-        dtype = _FACTOR_DTYPE.get(jnp.dtype(matrix.dtype), matrix.dtype)
-        matrix = matrix.astype(dtype)
-        lu, pivots = jsl.lu_factor(matrix)
-        # trans=1 solves with Mᵀ; the estimator needs Mᴴ, trans=2 for complex M.
-        adjoint = 2 if jnp.issubdtype(dtype, jnp.complexfloating) else 1
-        solve = lambda v: jsl.lu_solve((lu, pivots), v)  # noqa: E731
-        solve_adjoint = lambda v: jsl.lu_solve((lu, pivots), v, trans=adjoint)  # noqa: E731
-        inverse_1 = norm1_estimate(solve, solve_adjoint, n, dtype)
-        inverse_inf = norm1_estimate(solve_adjoint, solve, n, dtype)  # ‖M⁻ᴴ‖₁
-        magnitudes = jnp.abs(matrix)
-        condition = jnp.maximum(
-            max_or_nan(jnp.sum(magnitudes, axis=0)) * inverse_1,
-            max_or_nan(jnp.sum(magnitudes, axis=1)) * inverse_inf,
-        )
+        factor_matrix = matrix.astype(jnp.promote_types(matrix.dtype, jnp.float32))
+        lu_and_pivots = jsl.lu_factor(factor_matrix)
+        condition = _condition_estimate(factor_matrix, lu_and_pivots)
         # NaN (a failed solve) and inf (a zero pivot) fail the comparison.
-        regular = condition <= singular_threshold(n, A.as_matrix().dtype)
-        return lu, pivots, regular, A.in_structure()
+        regular = condition <= singular_threshold(matrix.shape[0], matrix.dtype)
+        return lu_and_pivots, regular, A.in_structure()
 
     def solve(self, state, b):
-        lu, pivots, regular, x_structure = state
-        x = jsl.lu_solve((lu, pivots), ravel(b).astype(lu.dtype))
+        lu_and_pivots, regular, x_structure = state
+        x = jsl.lu_solve(lu_and_pivots, ravel(b).astype(lu_and_pivots[0].dtype))
         return unravel(nan_unless(regular, x), x_structure)
 
     def certify(self, state, A):
-        return state[2]
+        return state[1]
+
+
+def _condition_estimate(
+    matrix: Inexact[Array, "n n"], lu_and_pivots
+) -> Float[Array, ""]:
+    """`max(κ₁, κ∞)`, estimated from below: invariant under transposition (κ∞(M) is
+    κ₁(Mᵀ)). NaN or inf when the matrix or its factors are not finite."""
+    n = matrix.shape[0]
+
+    def solve(trans):  # trans=2: with Mᴴ (Mᵀ for a real M)
+        return lambda v: jsl.lu_solve(lu_and_pivots, v, trans=trans)
+
+    inverse_1 = norm1_estimate(solve(0), solve(2), n, matrix.dtype)
+    inverse_inf = norm1_estimate(solve(2), solve(0), n, matrix.dtype)  # ‖M⁻ᴴ‖₁
+    magnitude = jnp.abs(matrix)
+    norm_1 = max_or_nan(jnp.sum(magnitude, axis=0))
+    norm_inf = max_or_nan(jnp.sum(magnitude, axis=1))
+    return jnp.maximum(norm_1 * inverse_1, norm_inf * inverse_inf)
 
 
 Direct.__init__.__doc__ = """**Arguments:** none."""

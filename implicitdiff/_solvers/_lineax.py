@@ -43,7 +43,11 @@ class Lineax(AbstractLinearSolver):
 
     - solves its system: `‖q − A x‖∞ ≤ tol·(‖A‖∞‖x‖∞ + ‖q‖∞)`, with `tol = √ε`, or
       `√n·(rtol + atol)` for an iterative lineax solver with looser tolerances; a
-      singular `A` cannot reach all five;
+      singular `A` cannot reach all five. For a solver that does not assume full
+      rank, `‖q − A x‖∞ ≤ tol·‖q‖∞`: a truncated SVD drops the very directions that
+      would show `A` singular, and `‖A‖∞‖x‖∞` is then that of the truncated matrix.
+      This limits `Lineax(lx.SVD())` to `κ(A) ≲ 1/√ε` (about `7·10⁷` in float64),
+      past which its solutions' residuals grow beyond `√ε`;
     - does not prove `A` numerically singular: `‖A‖∞‖x‖∞/‖q‖∞ ≤ 1/(√n·ε)`.
 
     Every solution through an uncertified `A` is NaN, and
@@ -113,10 +117,15 @@ class Lineax(AbstractLinearSolver):
         return ravel(nan_unless(self._solves(A, norm_bound, x, b), x))
 
     def _solves(self, A, norm_bound, x, b) -> Bool[Array, ""]:
-        """Whether `x` solves `A x = b` to the solver's accuracy (a small backward
-        error), rather than only in the least-squares sense."""
+        """Whether `x` solves `A x = b` to the solver's accuracy, rather than only in
+        the least-squares sense: a small backward error, and for a solver that does
+        not assume full rank a small residual relative to `b` alone. (A truncated SVD
+        drops the directions that would show `A` singular: its `x` has a small
+        backward error, `‖A‖‖x‖` being that of the truncated matrix.)"""
         residual = max_abs(jax.tree.map(jnp.subtract, b, A.mv(x)))
-        scale = norm_bound * max_abs(x) + max_abs(b)
+        scale = max_abs(b)
+        if self.solver.assume_full_rank():
+            scale = scale + norm_bound * max_abs(x)
         return residual <= self._tolerance(b) * scale
 
     def _tolerance(self, b) -> float:
