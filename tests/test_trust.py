@@ -260,16 +260,18 @@ def lin(A, solver, on_failure="nan"):
 )
 def test_lineax_least_squares_answers_refused(solver):
     cases = [
-        np.ones((2, 2)),
-        np.diag([1.0, 1e-4]),
-        scipy.linalg.hilbert(11),
+        (np.ones((2, 2)), None),
+        (np.diag([1.0, 1e-4]), np.diag([1.0, 1e4])),
+        (scipy.linalg.hilbert(11), scipy.linalg.invhilbert(11, exact=True)),
     ]
-    for A in cases:
-        x = jnp.ones(len(A))
-        J = jax.jacfwd(lin(A, solver))(x)
-        if not all_nan(J):  # diag(1, 1e-4) is regular: solved exactly, or refused
-            assert np.allclose(J, np.linalg.inv(A), rtol=1e-6)
-        assert all_nan(J) or np.linalg.cond(A) < 1e5
+    for A, inverse in cases:
+        J = jax.jacfwd(lin(A, solver))(jnp.ones(len(A)))
+        if inverse is None or all_nan(J):
+            assert all_nan(J)  # a finite J here is a pseudo-inverse: wrong
+            continue
+        inverse = np.asarray(inverse, np.float64)
+        error = np.max(np.abs(J - inverse)) / np.max(np.abs(inverse))
+        assert error <= 100 * np.linalg.cond(A, 1) * EPS64
 
 
 # ------------------------------------------------------------------ point 4
@@ -294,27 +296,32 @@ def test_least_squares_ill_conditioned(method):
 def test_least_squares_complex_uses_the_conjugate_transpose():
     rng = np.random.default_rng(1)
     A = rng.normal(size=(6, 3)) + 1j * rng.normal(size=(6, 3))
-    f = idf.ImplicitFunction(
-        lambda x: jnp.zeros(3, jnp.complex128),
-        lambda x, y: jnp.asarray(A) @ y - x,
-        idf.LeastSquares(method="cholesky"),
-    )
-    x = jnp.ones(6, jnp.complex128)
-    J = jax.jacfwd(f, holomorphic=True)(x)
-    assert np.allclose(J, np.linalg.pinv(A), atol=1e-10)
-    # The gradient of a real loss: against the closed form 2·Re(pinv(A)ᴴ(ȳ… )).
-    weights = jnp.arange(3.0) + 1
-    loss = lambda x: jnp.sum(weights * jnp.abs(f(x)) ** 2)  # noqa: E731
-    y = np.linalg.pinv(A) @ np.asarray(x)
-    expected = np.conj(np.linalg.pinv(A).T @ (2 * np.asarray(weights) * np.conj(y)))
-    assert np.allclose(jax.grad(loss)(x), expected, atol=1e-10)
-    with pytest.raises(TypeError, match="LeastSquares"):
-        f_cg = idf.ImplicitFunction(
-            lambda x: jnp.zeros(3, jnp.complex128),
+    pinv = np.linalg.pinv(A)
+
+    def implicit(method):
+        return idf.ImplicitFunction(
+            lambda x: jnp.asarray(pinv) @ x,
             lambda x, y: jnp.asarray(A) @ y - x,
-            idf.LeastSquares(method="cg"),
+            idf.LeastSquares(method=method),
         )
-        jax.jacfwd(f_cg, holomorphic=True)(x)
+
+    f = implicit("cholesky")
+    x = jnp.asarray(rng.normal(size=6) + 1j * rng.normal(size=6))
+    assert np.allclose(jax.jacfwd(f, holomorphic=True)(x), pinv, atol=1e-10)
+    # The gradient of a real loss, against central differences of the closed form
+    # along the real and imaginary parts (JAX's convention: ∂/∂Re − i ∂/∂Im).
+    weights = np.arange(3.0) + 1
+    loss = lambda y: np.sum(weights * np.abs(y) ** 2)  # noqa: E731
+    h = 1e-6
+    expected = [
+        (loss(pinv @ (x + h * e)) - loss(pinv @ (x - h * e))) / (2 * h)
+        - 1j * (loss(pinv @ (x + 1j * h * e)) - loss(pinv @ (x - 1j * h * e))) / (2 * h)
+        for e in np.eye(6)
+    ]
+    got = jax.grad(lambda x: jnp.sum(weights * jnp.abs(f(x)) ** 2))(x)
+    assert np.allclose(got, expected, atol=1e-6)
+    with pytest.raises(TypeError, match="LeastSquares"):
+        jax.jacfwd(implicit("cg"), holomorphic=True)(x)
 
 
 def test_lasso_zero_rows_least_squares():
@@ -338,25 +345,27 @@ def test_spsolve_refuses_near_singular():
 # ------------------------------------------------------------------ point 6
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_sparse_pattern_missing_an_entry_next_to_a_large_row(dtype):
-    def conditions(x, y):
-        return jnp.stack([1e8 * (y[0] - x[0]), y[1] + 0.5 * y[2] - x[1], y[2] - x[2]])
+@pytest.mark.parametrize("dtype, scale", [(jnp.float32, 1e4), (jnp.float64, 1e8)])
+def test_sparse_pattern_missing_an_entry_next_to_a_large_row(dtype, scale):
+    """The identity pattern misses ∂c₁/∂y₂ = 0.5, in a row `scale` times smaller than
+    the first (which once hid it: the check compared against the largest row)."""
 
-    f = idf.ImplicitFunction(
-        lambda x: x,
-        conditions,
-        representation=idf.Sparse(sp.identity(3)),
-        on_failure="nan",
-    )
-    assert all_nan(jax.jacfwd(f)(jnp.ones(3, dtype)))
-    complete = idf.ImplicitFunction(
-        lambda x: x,
-        conditions,
-        representation=idf.Sparse(sp.csr_matrix(np.triu(np.ones((3, 3))))),
-    )
+    def conditions(x, y):
+        return jnp.stack([scale * (y[0] - x[0]), y[1] + 0.5 * y[2] - x[1], y[2] - x[2]])
+
+    def implicit(pattern):
+        sparse = idf.Sparse(pattern)
+        return idf.ImplicitFunction(
+            lambda x: x, conditions, representation=sparse, on_failure="nan"
+        )
+
+    x = jnp.ones(3, dtype)
+    assert all_nan(jax.jacfwd(implicit(sp.identity(3)))(x))
+    assert all_nan(jax.jacrev(implicit(sp.identity(3)))(x))
+    complete = implicit(sp.csr_matrix(np.triu(np.ones((3, 3)))))
     expected = [[1, 0, 0], [0, 1, -0.5], [0, 0, 1]]
-    assert np.allclose(jax.jacfwd(complete)(jnp.ones(3, dtype)), expected, rtol=1e-6)
+    assert np.allclose(jax.jacfwd(complete)(x), expected, rtol=1e-5, atol=0)
+    assert np.allclose(jax.jacrev(complete)(x), expected, rtol=1e-5, atol=0)
 
 
 # ------------------------------------------------------------------ point 8
@@ -419,22 +428,46 @@ EVERY_SOLVER = {name: solver for name, (solver, _, _) in SOLVERS.items()} | {
 }
 
 
+# A float32 leaf rounds the flattened float64 operator to float32 accuracy: the
+# default float64 tolerances (Krylov rtol 1e-10, Lineax's probe residual √ε) cannot
+# be met. The core flattens before the solver sees the leaves' dtypes, so the default
+# "tolerance of the least precise leaf" is lost there (reported; not a solver fix).
+MIXED_TOLERANCES = {
+    "GMRES": idf.GMRES(rtol=1e-5),
+    "CG": idf.CG(rtol=1e-5),
+    "BiCGStab": idf.BiCGStab(rtol=1e-5),
+    "LeastSquares-cg": idf.LeastSquares(method="cg", rtol=1e-5),
+}
+MIXED_GAPS = ("Lineax-LU", "Lineax-QR", "Lineax-SVD", "Lineax-LSMR")
+
+
 @pytest.mark.parametrize("name", EVERY_SOLVER)
-def test_empty_and_mixed_dtype(name):
-    solver = EVERY_SOLVER[name]
+def test_empty_y(name):
     empty = idf.ImplicitFunction(
-        lambda x: x, lambda x, y: y - x, linear_solver=solver, on_failure="raise"
+        lambda x: x,
+        lambda x, y: y - x,
+        linear_solver=EVERY_SOLVER[name],
+        on_failure="raise",
     )
     x0 = jnp.zeros((0,))
     assert jax.jacfwd(empty)(x0).shape == (0, 0)
     assert jax.grad(lambda x: empty(x).sum())(x0).shape == (0,)
+
+
+@pytest.mark.parametrize("name", EVERY_SOLVER)
+def test_mixed_dtype(name, request):
+    solver = MIXED_TOLERANCES.get(name, EVERY_SOLVER[name])
+    if name in MIXED_GAPS:
+        reason = "mixed precision: the flat operator has float32 accuracy"
+        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
 
     # y = (a float32 scalar, a float64 vector); ∂c/∂y SPD, so that CG and AMG apply.
     M = np.array([[4.0, 1.0], [1.0, 3.0]])
 
     def conditions(x, y):
         a, b = y
-        return (3 * a - x[0] + 0.5 * b[0], jnp.asarray(M) @ b - x[1:] + 0.5 * a)
+        first = (3 * a - x[0] + 0.5 * b[0]).astype(jnp.float32)
+        return first, jnp.asarray(M) @ b - x[1:] + jnp.array([0.5, 0.0]) * a
 
     full = np.array([[3.0, 0.5, 0.0], [0.5, 4.0, 1.0], [0.0, 1.0, 3.0]])
     mixed = idf.ImplicitFunction(
