@@ -3,51 +3,66 @@
 from collections.abc import Callable
 
 import jax.numpy as jnp
-from jax import lax
 from jaxtyping import Array, Float
 
 # Hager's iteration usually settles in two or three steps; LAPACK's xLACN2 allows five.
 _ESTIMATOR_STEPS = 3
 
+Solve = Callable[[Array], Array]
 
-def norm1_estimate(
-    apply: Callable[[Array], Array],
-    apply_adjoint: Callable[[Array], Array],
-    n: int,
-    dtype,
-) -> Float[Array, ""]:
-    """A lower bound of `‖B‖₁`, usually within a factor of 3 and often exact (Hager's
-    estimator with Higham's extra vector, as in LAPACK's `xLACN2`), for an `n × n`
-    matrix `B` given by its products on flat vectors of `dtype`: `apply(v) = B v`,
-    `apply_adjoint(v) = Bᴴ v`.
 
-    Every candidate is `‖B v‖₁` for some `‖v‖₁ = 1`, so the result never exceeds
-    `‖B‖₁`; NaN in a product makes it NaN (`jnp.maximum` propagates NaN, where a `max`
-    reduction on XLA:CPU may not). It costs `2·_ESTIMATOR_STEPS + 3` products, each
-    two triangular solves when `B` is the inverse of a factorised matrix: `O(n²)`
-    work next to the factorisation's `O(n³)`.
+def inverse_norm1_estimates(
+    solve: Solve, solve_adjoint: Solve, n: int, dtype
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """Lower bounds of `‖M⁻¹‖₁` and `‖M⁻ᴴ‖₁ = ‖M⁻¹‖∞`, each usually within a factor
+    of 3 and often exact, for an `n × n` matrix `M` given by its solves:
+    `solve(V) = M⁻¹V` and `solve_adjoint(V) = M⁻ᴴV` on the columns of an `(n, k)`
+    matrix of `dtype`.
+
+    Hager's estimator with Higham's extra vector (as LAPACK's `xLACN2`), run for `M⁻¹`
+    (solves with `M`, then `Mᴴ`) and for `M⁻ᴴ` (the same solves in the other order)
+    in lock step, half a step apart: every call solves with `M` or with `Mᴴ` for both
+    estimates at once (two or three right-hand sides), `2·_ESTIMATOR_STEPS + 2` calls
+    in all. Every candidate is `‖B v‖₁` for some `‖v‖₁ = 1`, so neither result
+    exceeds its norm; NaN in a solve makes it NaN (`jnp.maximum` propagates NaN, where
+    a `max` reduction on XLA:CPU may not).
     """
     index = jnp.arange(n)
+    start = jnp.full(n, 1 / n, dtype)
+    # Alternating with growing magnitude: catches the matrices for which Hager's
+    # iteration stops at a poor local maximum.
+    alternating = ((-1.0) ** index * (1 + index / max(n - 1, 1))).astype(dtype)
 
-    def towards_maximum(y):
-        # The unit vector e_j at the largest |(Bᴴ sign(y))_j|: where ‖B x‖₁ grows most.
-        z = apply_adjoint(jnp.where(y == 0, 1, y / jnp.where(y == 0, 1, jnp.abs(y))))
+    def sign(y):
+        return jnp.where(y == 0, 1, y / jnp.where(y == 0, 1, jnp.abs(y)))
+
+    def towards_maximum(z):  # the unit vector e_j at the largest |z_j|
         return (index == jnp.argmax(jnp.abs(z))).astype(dtype)
 
-    def step(_, carry):
-        x, estimate = carry
-        y = apply(x)
-        return towards_maximum(y), jnp.maximum(estimate, _norm1(y))
+    def columns(*vectors):
+        return jnp.stack(vectors, axis=1)
 
-    y = apply(jnp.full(n, 1 / n, dtype))
-    _, estimate = lax.fori_loop(
-        0, _ESTIMATOR_STEPS, step, (towards_maximum(y), _norm1(y))
-    )
-    # Higham's vector, alternating with growing magnitude, catches the matrices for
-    # which Hager's iteration stops at a poor local maximum.
-    alternating = ((-1.0) ** index * (1 + index / max(n - 1, 1))).astype(dtype)
-    return jnp.maximum(estimate, 2 * _norm1(apply(alternating)) / (3 * n))
+    # a: the estimate of ‖M⁻¹‖₁; b: that of ‖M⁻ᴴ‖₁, whose first product rides along
+    # with a's first product by M⁻ᴴ.
+    Y = solve(columns(start, alternating))
+    y_a, extra_a = Y[:, 0], _extra(Y[:, 1], n)
+    Z = solve_adjoint(columns(sign(y_a), start, alternating))
+    x_a, y_b, extra_b = towards_maximum(Z[:, 0]), Z[:, 1], _extra(Z[:, 2], n)
+    estimate_a, estimate_b = _norm1(y_a), _norm1(y_b)
+    for _ in range(_ESTIMATOR_STEPS):
+        W = solve(columns(x_a, sign(y_b)))
+        y_a, x_b = W[:, 0], towards_maximum(W[:, 1])
+        Z = solve_adjoint(columns(sign(y_a), x_b))
+        x_a, y_b = towards_maximum(Z[:, 0]), Z[:, 1]
+        estimate_a = jnp.maximum(estimate_a, _norm1(y_a))
+        estimate_b = jnp.maximum(estimate_b, _norm1(y_b))
+    return jnp.maximum(estimate_a, extra_a), jnp.maximum(estimate_b, extra_b)
 
 
 def _norm1(v: Array) -> Float[Array, ""]:
     return jnp.sum(jnp.abs(v))
+
+
+def _extra(y: Array, n: int) -> Float[Array, ""]:
+    """Higham's bound from the alternating vector, whose 1-norm is about 3n/2."""
+    return 2 * _norm1(y) / (3 * n)

@@ -4,7 +4,7 @@ from jaxtyping import Array, Float, Inexact
 
 from .._misc import max_or_nan, nan_unless, ravel, singular_threshold, unravel
 from ._base import AbstractLinearSolver
-from ._condition import norm1_estimate
+from ._condition import inverse_norm1_estimates
 
 
 class Direct(AbstractLinearSolver):
@@ -16,10 +16,10 @@ class Direct(AbstractLinearSolver):
 
     **Certificate.** `presolve` also estimates `κ = max(κ₁(A), κ∞(A))` from the
     factors (Hager's estimator with Higham's extra vector for `‖A⁻¹‖₁` and
-    `‖A⁻¹‖∞`, about twenty triangular solves of one vector, `O(n²)` next to the
-    `O(n³)` factorisation; the exact `‖A‖₁` and `‖A‖∞`). When `κ > 1/(√n·ε)` (ε the
-    machine precision of the dtype), a pivot is zero, or anything is not finite, the
-    system is numerically singular:
+    `‖A⁻¹‖∞` together: eight triangular solve pairs of two or three vectors, `O(n²)`
+    next to the `O(n³)` factorisation; the exact `‖A‖₁` and `‖A‖∞`). When
+    `κ > 1/(√n·ε)` (ε the machine precision of the dtype), a pivot is zero, or
+    anything is not finite, the system is numerically singular:
     [`certify`][implicitdiff.AbstractLinearSolver.certify] says so at no extra cost,
     and every solution is all NaN. The estimate is the same for `A` and `Aᵀ` up to
     rounding, so forward mode (which factorises `A`) and reverse mode (`Aᵀ`) refuse
@@ -59,8 +59,9 @@ def _condition_estimate(
     def solve(trans):  # trans=2: with Mᴴ (Mᵀ for a real M)
         return lambda v: jsl.lu_solve(lu_and_pivots, v, trans=trans)
 
-    inverse_1 = norm1_estimate(solve(0), solve(2), n, matrix.dtype)
-    inverse_inf = norm1_estimate(solve(2), solve(0), n, matrix.dtype)  # ‖M⁻ᴴ‖₁
+    inverse_1, inverse_inf = inverse_norm1_estimates(  # ‖M⁻¹‖∞ = ‖M⁻ᴴ‖₁
+        solve(0), solve(2), n, matrix.dtype
+    )
     magnitude = jnp.abs(matrix)
     norm_1 = max_or_nan(jnp.sum(magnitude, axis=0))
     norm_inf = max_or_nan(jnp.sum(magnitude, axis=1))

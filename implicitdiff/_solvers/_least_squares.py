@@ -6,7 +6,7 @@ import jax.scipy.linalg as jsl
 from .._misc import max_or_nan, nan_unless, ravel, singular_threshold, size, unravel
 from ._base import AbstractLinearSolver
 from ._cg import CG
-from ._condition import norm1_estimate
+from ._condition import inverse_norm1_estimates
 from ._krylov import DEFAULTS_DOC, check_tolerances, flat_dtype
 
 METHODS = ("auto", "cholesky", "cg")
@@ -89,7 +89,7 @@ class LeastSquares(AbstractLinearSolver):
         factor = jnp.linalg.cholesky(matrix)
         solve = lambda v: jsl.cho_solve((factor, True), v)  # noqa: E731
         # AᴴA is Hermitian: ‖M⁻¹‖₁ = ‖M⁻¹‖∞, one estimate and one solve serve.
-        inverse = norm1_estimate(solve, solve, n, matrix.dtype)
+        inverse, _ = inverse_norm1_estimates(solve, solve, n, matrix.dtype)
         condition = max_or_nan(jnp.sum(jnp.abs(matrix), axis=0)) * inverse
         # NaN (a negative pivot, a failed solve) fails the comparison.
         regular = condition <= singular_threshold(n, matrix.dtype)
