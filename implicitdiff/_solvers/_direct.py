@@ -16,7 +16,7 @@ class Direct(AbstractLinearSolver):
 
     **Certificate.** `presolve` also estimates `κ = max(κ₁(A), κ∞(A))` from the
     factors (Hager's estimator with Higham's extra vector for `‖A⁻¹‖₁` and
-    `‖A⁻¹‖∞` together: eight triangular solve pairs of two or three vectors, `O(n²)`
+    `‖A⁻¹‖∞` together: six triangular solve pairs of two or three vectors, `O(n²)`
     next to the `O(n³)` factorisation; the exact `‖A‖₁` and `‖A‖∞`). When
     `κ > 1/(√n·ε)` (ε the machine precision of the dtype), a pivot is zero, or
     anything is not finite, the system is numerically singular:
