@@ -85,16 +85,17 @@ def min_or_nan(x: Array, axis=None) -> Array:
     return -max_or_nan(-jnp.asarray(x), axis)
 
 
-def pseudo_random_probe(n: int, dtype) -> Float[Array, " n"]:
+def pseudo_random_probe(n: int, dtype, xp=jnp) -> Float[Array, " n"]:
     """A fixed direction with pseudo-random entries in (−1, 1), none zero: an integer
     hash of the index (`jax.random` takes 20 ms for 10⁶ entries on CPU, this 1). It
     has no structure a matrix could annihilate by accident (a Laplacian annihilates
-    ones, a checkerboard alternating signs)."""
-    h = jnp.arange(n, dtype=jnp.uint32) * jnp.uint32(0x9E3779B1)
-    h = (h ^ (h >> 15)) * jnp.uint32(0x85EBCA77)
+    ones, a checkerboard alternating signs). `xp=numpy` computes the same vector on
+    the host, inside a callback."""
+    h = xp.arange(n, dtype=xp.uint32) * xp.uint32(0x9E3779B1)
+    h = (h ^ (h >> 15)) * xp.uint32(0x85EBCA77)
     odd = 2 * ((h ^ (h >> 13)) >> 9) + 1  # < 2²⁴: exact in float32, never 2²³
-    real_dtype = jnp.finfo(dtype).dtype
-    return (odd.astype(jnp.float32) / 2**23 - 1).astype(real_dtype).astype(dtype)
+    real_dtype = xp.finfo(dtype).dtype
+    return (odd.astype(xp.float32) / 2**23 - 1).astype(real_dtype).astype(dtype)
 
 
 def singular_threshold(n: int, dtype) -> float:

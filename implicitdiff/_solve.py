@@ -64,11 +64,17 @@ def solve_linearised(
         return unravel(flat, y_structure)
     matvec, tags = A, ()
     if isinstance(solver, LeastSquares):
-        # Normal equations AᵀA ẏ = Aᵀ rhs: square and symmetric, so custom_linear_solve
-        # applies and the transpose (a VJP) is the minimum-norm solve of Aᵀu = v.
+        # Normal equations AᴴA ẏ = Aᴴ rhs: square and Hermitian, so custom_linear_solve
+        # applies and the transpose (a VJP) is the minimum-norm solve of Aᵀu = v. With
+        # complex unknowns AᵀA would be complex symmetric, not positive definite.
         At = jax.linear_transpose(A, y_structure)
-        matvec, rhs = (lambda v: At(A(v))[0]), At(rhs)[0]
-        tags = (lx.symmetric_tag, lx.positive_semidefinite_tag)
+
+        def adjoint(v):
+            return jax.tree.map(jnp.conj, At(jax.tree.map(jnp.conj, v))[0])
+
+        matvec, rhs = (lambda v: adjoint(A(v))), adjoint(rhs)
+        if not any(jnp.issubdtype(leaf.dtype, jnp.complexfloating) for leaf in leaves):
+            tags = (lx.symmetric_tag, lx.positive_semidefinite_tag)
     operator = representation.operator(matvec, structure(rhs))
     if tags:
         operator = lx.TaggedLinearOperator(operator, tags)

@@ -2,9 +2,12 @@ import functools as ft
 from typing import Literal
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ._base import AbstractLinearSolver
+from ._host_certificate import host_certify, probe_is_credible
 from ._krylov import check_tolerances, default_rtol
 from ._on_host import (
     HostMethod,
@@ -111,18 +114,44 @@ class AMG(AbstractLinearSolver):
         check_hashable("AMG", self.setup_options)
 
     def _host_method(self, solve, fallback=nan_like) -> HostMethod:
+        """The hierarchy alone: what the preconditioner needs."""
         prepare = ft.partial(_build_hierarchy, self.method, thaw(self.setup_options))
         key = ("AMG", self.method, self.setup_options)
         return HostMethod(key, prepare, solve, fallback)
 
+    def _certified_method(self, rtol: float) -> HostMethod:
+        """The hierarchy and its certificate, which depends on the solve's settings."""
+        key = ("AMG", self.method, self.setup_options, self.accel, self.cycle, rtol)
+        key += (self.atol, self.max_steps)
+        prepare = ft.partial(self._prepare_certified, rtol)
+        return HostMethod(key, prepare, ft.partial(self._solve_certified, rtol))
+
     def presolve(self, A, y):
+        _check_real(A, "AMG")
         rtol = default_rtol(A) if self.rtol is None else self.rtol
-        method = self._host_method(ft.partial(self._solve_rows, rtol))
+        method = self._certified_method(rtol)
         return method, host_presolve(method, A)
 
     def solve(self, state, b):
         method, host_state = state
         return host_solve(method, host_state, b)
+
+    def certify(self, state, A):
+        method, host_state = state
+        return host_certify(method, host_state, A)
+
+    def _prepare_certified(self, rtol, csr):
+        # The certificate's probe solve runs here, with the setup: it is cached with
+        # the hierarchy, so a matrix seen before costs neither again.
+        hierarchy, nbytes = _build_hierarchy(self.method, thaw(self.setup_options), csr)
+        solve_rows = ft.partial(self._solve_rows, rtol, csr, hierarchy)
+        return (hierarchy, probe_is_credible(csr, solve_rows)), nbytes
+
+    def _solve_certified(self, rtol, csr, prepared, B):
+        hierarchy, regular = prepared
+        if not regular:
+            return nan_like(B)
+        return self._solve_rows(rtol, csr, hierarchy, B)
 
     def _solve_rows(self, rtol, csr, hierarchy, B):
         max_steps = self.max_steps
@@ -191,6 +220,7 @@ class AMGPreconditioner(AbstractPreconditioner):
         return self.amg._host_method(self._cycle, fallback=lambda B: np.array(B))
 
     def presolve(self, A, y):
+        _check_real(A, "AMG(...).as_preconditioner()")
         method = self._host_method()
         return method, host_presolve(method, A)
 
@@ -208,6 +238,16 @@ AMGPreconditioner.__init__.__doc__ = """**Arguments:**
 
 - `amg`: the [`implicitdiff.AMG`][] whose setup and `cycle` to use.
 """
+
+
+def _check_real(A, name: str) -> None:
+    dtype = jnp.result_type(*jax.tree.leaves(A.in_structure()))
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{name} supports real floating-point systems only, got {dtype}: pyamg's "
+            "Ruge-Stüben setup and CG acceleration assume a real matrix. For complex "
+            "unknowns use implicitdiff.Direct or implicitdiff.SciPy('splu')."
+        )
 
 
 def _build_hierarchy(method, setup_options, csr):

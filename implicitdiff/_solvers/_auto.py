@@ -12,7 +12,9 @@ class Auto(AbstractLinearSolver):
     """The default solver: [`implicitdiff.Direct`][] when `y` has at most 1024
     elements in all, else [`implicitdiff.GMRES`][] with its default tolerances.
 
-    The choice is made at trace time from the flat size of the solution.
+    The choice is made at trace time from the flat size of the solution, and the
+    chosen solver's own certificate
+    ([`certify`][implicitdiff.AbstractLinearSolver.certify]) applies.
     """
 
     def _choose(self, y) -> AbstractLinearSolver:
@@ -25,6 +27,10 @@ class Auto(AbstractLinearSolver):
     def solve(self, state, b):
         solver, solver_state = state
         return solver.solve(solver_state, b)
+
+    def certify(self, state, A):
+        solver, solver_state = state
+        return solver.certify(solver_state, A)
 
 
 Auto.__init__.__doc__ = """**Arguments:** none."""

@@ -26,9 +26,12 @@ class GMRES(AbstractKrylovSolver):
 
     A singular `A` with `b` outside its range shows up as a zero on the diagonal of the
     reduced least-squares problem or as a residual that stops decreasing: the solution
-    is all NaN. (With `b` in its range, one of the many solutions passes the residual
-    check and is returned; [`implicitdiff.Direct`][] rejects a singular `A` outright.)
-    One step is one product with `A`.
+    is all NaN. With `b` in its range GMRES converges, to one of infinitely many
+    solutions: the certificate
+    ([`certify`][implicitdiff.AbstractLinearSolver.certify], one more solve per
+    linearisation point, for a pseudo-random right-hand side that a singular `A`
+    almost surely cannot reach) is what makes every derivative through such an `A`
+    NaN. One step is one product with `A`.
     """
 
     rtol: float | None = None

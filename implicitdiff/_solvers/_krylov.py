@@ -37,7 +37,8 @@ MAX_STEPS_PER_UNKNOWN = 10
 MAX_STEPS_CAP = 10_000
 
 DEFAULTS_DOC = """`rtol=None` means `1e-10` in float64, `1e-5` in float32 (`1e-2` in
-16-bit floats; in a pytree of mixed precisions, that of the least precise leaf).
+16-bit floats). A `y` mixing precisions is solved as one vector of the widest dtype,
+only as accurate as its least precise leaf: give that leaf's `rtol` explicitly.
 `atol=None` means `0`: a positive `atol` accepts `x = 0` for every right-hand side with
 `‖b‖ ≤ atol`, which for the arbitrary scale of a tangent or cotangent would be a
 silently wrong derivative. `max_steps=None` means `min(10·n, 10 000)` for `n`
@@ -89,13 +90,16 @@ def check_positive_int(name: str, label: str, value, allow_none: bool) -> None:
         raise ValueError(f"{name}: `{label}` must be ≥ 1, got {value!r}.")
 
 
-def flat_dtype(A: lx.AbstractLinearOperator):
-    """The dtype of the flattened iteration: that of every leaf of A's structures."""
+def flat_dtype(A: lx.AbstractLinearOperator, name: str):
+    """The dtype of the flattened iteration: that of every leaf of A's structures.
+    Raises, naming the solver `name`, for anything but real floating point."""
     leaves = jax.tree.leaves((A.in_structure(), A.out_structure()))
     dtype = jnp.result_type(*(leaf.dtype for leaf in leaves))
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
-            f"The Krylov solvers support real floating-point systems only, got {dtype}."
+            f"{name} supports real floating-point systems only, got {dtype}: its "
+            "inner products are not conjugated. For complex unknowns use "
+            "implicitdiff.Direct or implicitdiff.SciPy('splu')."
         )
     return dtype
 
@@ -180,14 +184,14 @@ class AbstractKrylovSolver(AbstractLinearSolver):
                 "unknowns. Use implicitdiff.LeastSquares for more conditions than "
                 "unknowns."
             )
-        flat_dtype(A)  # fails early, at trace time, on an unsupported dtype
+        flat_dtype(A, type(self).__name__)  # fails at trace time if unsupported
         if self.preconditioner is None:
             return A, None
         return A, self.preconditioner.presolve(A, y)
 
     def solve(self, state, b):
         A, preconditioner_state = state
-        dtype = flat_dtype(A)
+        dtype = flat_dtype(A, type(self).__name__)
         x = self._solve_flat(
             default_rtol(A) if self.rtol is None else self.rtol,
             flat_operator(A, dtype),

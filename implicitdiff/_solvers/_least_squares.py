@@ -3,10 +3,11 @@ from typing import Literal
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
-from .._misc import nan_unless, ravel, size, unravel
+from .._misc import max_or_nan, nan_unless, ravel, singular_threshold, size, unravel
 from ._base import AbstractLinearSolver
 from ._cg import CG
-from ._krylov import DEFAULTS_DOC, check_tolerances
+from ._condition import inverse_norm1_estimates
+from ._krylov import DEFAULTS_DOC, check_tolerances, flat_dtype
 
 METHODS = ("auto", "cholesky", "cg")
 # Cholesky of the n×n normal matrix costs n³/6 flops after n products to build it:
@@ -19,21 +20,32 @@ class LeastSquares(AbstractLinearSolver):
 
     With `A = ∂c/∂y` of full column rank, the derivative solves the least-squares
     problem `min ‖A ẏ − r‖₂`, whose solution satisfies the normal equations
-    `AᵀA ẏ = Aᵀ r`. The [`implicitdiff.ImplicitFunction`][] recognises this solver and
-    hands it the normal operator `AᵀA` (square, symmetric positive semi-definite) with
-    the right-hand side `Aᵀ r`; it is also correct, if more expensive than
-    [`implicitdiff.Direct`][], for a square `A`. The normal equations square the
-    condition number of `A`: keep `A` well conditioned (scale the conditions).
+    `AᴴA ẏ = Aᴴ r` (`AᵀA` for real `A`). The [`implicitdiff.ImplicitFunction`][]
+    recognises this solver and hands it the normal operator `AᴴA` (square, Hermitian
+    positive semi-definite) with the right-hand side `Aᴴ r`; it is also correct, if
+    more expensive than [`implicitdiff.Direct`][], for a square `A`.
+
+    **Rank and conditioning.** A rank-deficient `A` has no unique derivative: every
+    derivative is then all NaN, never one of the least-squares solutions. The normal
+    equations square the condition number, `κ(AᴴA) = κ₂(A)²`, and `AᴴA` counts as
+    numerically singular past `1/(√n·ε)`: derivatives are NaN once `κ₂(A)` exceeds
+    about `(√n·ε)^(−1/2)`, that is `~10⁸/n^(1/4)` in float64 and `~3·10³/n^(1/4)` in
+    float32 (a square `A` up to `~10¹⁵` is [`implicitdiff.Direct`][]'s). Keep `A`
+    well conditioned: scale the conditions.
 
     Methods:
 
-    - `"cholesky"`: materialises `AᵀA` (one product per unknown) and factorises it once
-        per linearisation point. The solution is all NaN when `AᵀA` is not positive
-        definite to working precision (a pivot at most `10·n·ε` times the largest):
-        a rank-deficient `A` has no unique derivative.
-    - `"cg"`: [`implicitdiff.CG`][] on the normal equations, matrix-free. Its tolerances
-        apply to the normal equations: `‖Aᵀr − AᵀA ẏ‖₂ ≤ atol + rtol·‖Aᵀr‖₂`. For a
-        rank-deficient `A` it returns one least-squares solution rather than NaN.
+    - `"cholesky"`: materialises `AᴴA` (one product per unknown), factorises it once
+        per linearisation point and estimates its condition number from the factor
+        (a few `O(n²)` solves, see [`implicitdiff.Direct`][]); past the threshold, or
+        with a non-finite factor (a pivot that came out negative), every solution is
+        all NaN. Real or complex unknowns.
+    - `"cg"`: [`implicitdiff.CG`][] on the normal equations, matrix-free, real
+        unknowns only (complex ones are refused when tracing). Its tolerances apply to
+        the normal equations: `‖Aᵀr − AᵀA ẏ‖₂ ≤ atol + rtol·‖Aᵀr‖₂`. Regularity is
+        certified like CG's, by one more solve with a pseudo-random right-hand side
+        per linearisation point: a singular `AᵀA` cannot solve it (NaN), a numerically
+        singular one gives a solution that proves it.
     - `"auto"`: `"cholesky"` up to 1024 unknowns, else `"cg"` (chosen at trace time).
 
     !!! Example
@@ -70,23 +82,30 @@ class LeastSquares(AbstractLinearSolver):
 
     def presolve(self, A, y):
         if self._method(size(y)) == "cg":
+            flat_dtype(A, "LeastSquares(method='cg')")  # real only, at trace time
             return self._cg().presolve(A, y)
         matrix = A.as_matrix()
+        n = matrix.shape[0]
         factor = jnp.linalg.cholesky(matrix)
-        pivots = jnp.diag(factor) ** 2
-        # The last pivot of an exactly singular AᵀA comes out at a few n·ε times the
-        # largest: 10·n·ε keeps it from passing for a (huge, wrong) solution.
-        tolerance = 10 * matrix.shape[0] * jnp.finfo(matrix.dtype).eps * jnp.max(pivots)
-        singular = ~jnp.all(jnp.isfinite(factor)) | (jnp.min(pivots) <= tolerance)
-        return factor, singular, A.in_structure()
+        solve = lambda v: jsl.cho_solve((factor, True), v)  # noqa: E731
+        # AᴴA is Hermitian: ‖M⁻¹‖₁ = ‖M⁻¹‖∞, one estimate and one solve serve.
+        inverse, _ = inverse_norm1_estimates(solve, solve, n, matrix.dtype)
+        condition = max_or_nan(jnp.sum(jnp.abs(matrix), axis=0)) * inverse
+        # NaN (a negative pivot, a failed solve) fails the comparison.
+        regular = condition <= singular_threshold(n, matrix.dtype)
+        return factor, regular, A.in_structure()
 
     def solve(self, state, b):
         if self._method(size(b)) == "cg":
             return self._cg().solve(state, b)
-        factor, singular, x_structure = state
+        factor, regular, x_structure = state
         x = jsl.cho_solve((factor, True), ravel(b).astype(factor.dtype))
-        ok = ~singular & jnp.all(jnp.isfinite(x))
-        return unravel(nan_unless(ok, x), x_structure)
+        return unravel(nan_unless(regular, x), x_structure)
+
+    def certify(self, state, A):
+        if self._method(size(A.in_structure())) == "cg":
+            return super().certify(state, A)
+        return state[1]
 
 
 LeastSquares.__init__.__doc__ = f"""**Arguments:**

@@ -1,17 +1,29 @@
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
+from jaxtyping import Array, Bool, Float, PyTree
 
 from .._misc import (
     all_finite,
+    credible,
+    max_abs,
     nan_unless,
     operator_norm_lower_bound,
     probes,
+    pseudo_random_probe,
     ravel,
     size,
     unravel,
 )
 from ._base import AbstractLinearSolver
+
+
+class _LineaxState(eqx.Module):
+    state: PyTree
+    operator: lx.AbstractLinearOperator
+    norm_bound: Float[Array, ""]
+    regular: Bool[Array, ""]
 
 
 class Lineax(AbstractLinearSolver):
@@ -22,12 +34,30 @@ class Lineax(AbstractLinearSolver):
     max steps reached, breakdown, stagnation) becomes an all-NaN solution, as does a
     non-finite one; nothing is ever raised from inside the backward pass.
 
-    lineax's direct solvers accept numerically singular matrices whose factorisation
-    shows no zero pivot, and return a finite, wrong answer. So `presolve` also solves
-    for four fixed probe vectors (one batched solve) and bounds the condition number
-    from below, `κ∞(A) ≥ ‖A p‖∞ ‖A⁻¹ q‖∞`; above `1/(n·ε)` every solution is NaN.
-    With a lineax *iterative* solver that costs a batched solve per linearisation
-    point: prefer [`implicitdiff.GMRES`][] and friends there.
+    **Certificate.** lineax's solvers accept numerically singular matrices: LU and QR
+    when the factorisation shows no zero pivot, and the least-squares solvers
+    (`SVD`, `LSMR`, ...) by design, returning a pseudo-inverse solution that is not a
+    solution at all. So `presolve` also solves for five fixed probe vectors `q` (ones,
+    alternating signs, two golden-angle waves and a pseudo-random vector; one batched
+    solve) and certifies `A` only if every probe solution `x`
+
+    - solves its system: `‖q − A x‖∞ ≤ tol·(‖A‖∞‖x‖∞ + ‖q‖∞)`, with `tol = √ε`, or
+      `√n·(rtol + atol)` for an iterative lineax solver with looser tolerances; a
+      singular `A` cannot reach all five. For a solver that does not assume full
+      rank, `‖q − A x‖∞ ≤ tol·‖q‖∞`: a truncated SVD drops the very directions that
+      would show `A` singular, and `‖A‖∞‖x‖∞` is then that of the truncated matrix.
+      This limits `Lineax(lx.SVD())` to `κ(A) ≲ 1/√ε` (about `7·10⁷` in float64),
+      past which its solutions' residuals grow beyond `√ε`;
+    - does not prove `A` numerically singular: `‖A‖∞‖x‖∞/‖q‖∞ ≤ 1/(√n·ε)`.
+
+    Every solution through an uncertified `A` is NaN, and
+    [`certify`][implicitdiff.AbstractLinearSolver.certify] returns this flag (no further
+    solve). A lineax solver that does not assume full rank
+    (`solver.assume_full_rank()` is False: `SVD`, `LSMR`, `Diagonal`) could still
+    return a least-squares answer for some right-hand side, so each of its solutions
+    is checked the same way (one product with `A` per solve). With a lineax
+    *iterative* solver the probes cost a batched solve per linearisation point: prefer
+    [`implicitdiff.GMRES`][] and friends there.
 
     !!! Example
 
@@ -51,22 +81,25 @@ class Lineax(AbstractLinearSolver):
 
     def presolve(self, A, y):
         state = self.solver.init(A, self._options)
-        # κ∞(A) ≥ ‖A p‖∞ ‖A⁻¹ q‖∞ for probes of ∞-norm 1: one batched solve that
-        # catches the numerically singular matrices lineax's solvers accept.
         b_structure = A.out_structure()
-        inverse_products = jax.vmap(
-            lambda q: ravel(self._solve(state, unravel(q, b_structure)))
-        )(probes(b_structure))
-        inverse_norm = jnp.max(jnp.abs(inverse_products))
-        condition = operator_norm_lower_bound(A) * inverse_norm
-        eps = jnp.finfo(inverse_products.dtype).eps
-        singular = ~(condition * size(y) * eps <= 1)  # NaN counts as singular
-        return state, singular
+        dtype = jnp.result_type(*jax.tree.leaves(b_structure))
+        rhs = jnp.concatenate(
+            [probes(b_structure), pseudo_random_probe(size(b_structure), dtype)[None]]
+        )
+        norm_bound = operator_norm_lower_bound(A)
+        solves = jax.vmap(lambda q: self._checked_solve(state, A, norm_bound, q))
+        xs = solves(rhs)
+        regular = jnp.all(jax.vmap(lambda x, q: credible(norm_bound, x, q))(xs, rhs))
+        return _LineaxState(state, A, norm_bound, regular)
 
     def solve(self, state, b):
-        state, singular = state
-        x = self._solve(state, b)
-        return nan_unless(~singular & all_finite(x), x)
+        x = self._solve(state.state, b)
+        if not self.solver.assume_full_rank():
+            x = nan_unless(self._solves(state.operator, state.norm_bound, x, b), x)
+        return nan_unless(state.regular, x)
+
+    def certify(self, state, A):
+        return state.regular
 
     @property
     def _options(self) -> dict:
@@ -76,6 +109,30 @@ class Lineax(AbstractLinearSolver):
         x, result, _ = self.solver.compute(state, b, self._options)
         ok = jnp.asarray(result == lx.RESULTS.successful) & all_finite(x)
         return nan_unless(ok, x)
+
+    def _checked_solve(self, state, A, norm_bound, q):
+        """A probe solve, flat, NaN unless it solves its system."""
+        b = unravel(q, A.out_structure())
+        x = self._solve(state, b)
+        return ravel(nan_unless(self._solves(A, norm_bound, x, b), x))
+
+    def _solves(self, A, norm_bound, x, b) -> Bool[Array, ""]:
+        """Whether `x` solves `A x = b` to the solver's accuracy, rather than only in
+        the least-squares sense: a small backward error, and for a solver that does
+        not assume full rank a small residual relative to `b` alone. (A truncated SVD
+        drops the directions that would show `A` singular: its `x` has a small
+        backward error, `‖A‖‖x‖` being that of the truncated matrix.)"""
+        residual = max_abs(jax.tree.map(jnp.subtract, b, A.mv(x)))
+        scale = max_abs(b)
+        if self.solver.assume_full_rank():
+            scale = scale + norm_bound * max_abs(x)
+        return residual <= self._tolerance(b) * scale
+
+    def _tolerance(self, b) -> float:
+        dtype = jnp.result_type(*jax.tree.leaves(b))
+        direct = float(jnp.finfo(dtype).eps) ** 0.5
+        rtol, atol = (getattr(self.solver, name, 0.0) for name in ("rtol", "atol"))
+        return max(direct, size(b) ** 0.5 * (rtol + atol))
 
 
 Lineax.__init__.__doc__ = """**Arguments:**

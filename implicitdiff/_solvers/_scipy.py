@@ -6,7 +6,9 @@ import equinox as eqx
 import numpy as np
 import scipy.sparse.linalg as sla
 
+from .._misc import singular_threshold
 from ._base import AbstractLinearSolver
+from ._host_certificate import host_certify
 from ._krylov import check_tolerances, default_rtol
 from ._on_host import (
     HostMethod,
@@ -61,9 +63,15 @@ class SciPy(AbstractLinearSolver):
     `‖b − A x‖` exceeds `atol + rtol‖b‖` (after at most two correction solves
     `A d = b − A x`, which absorb the drift of the recurrence residual). The direct
     methods accept `x` when its normwise backward error
-    `‖b − A x‖∞ / (‖A‖∞‖x‖∞ + ‖b‖∞)` is at most `√ε`; `"splu"` also estimates the
-    condition number from its factors (Higham's 1-norm estimator, a few extra
-    solves in `presolve`) and gives NaN when `κ₁(A) > 1/(n·ε)`.
+    `‖b − A x‖∞ / (‖A‖∞‖x‖∞ + ‖b‖∞)` is at most `√ε`.
+
+    **Certificates** (that `A` is regular; every derivative through an uncertified
+    `A` is NaN): `"splu"` estimates `max(κ₁(A), κ∞(A))` from its factors (Higham's
+    1-norm estimator on `A⁻¹` and `A⁻ᴴ`, a few extra solves in `presolve`, kept with
+    the factor) and refuses above `1/(√n·ε)`; reading that flag back costs one
+    callback and no solve. `"spsolve"`, which keeps no factor, and the iterative
+    methods use the default certificate: one more solve per linearisation point, for
+    a pseudo-random right-hand side (for `"spsolve"`, one more factorisation).
 
     !!! Example
 
@@ -134,6 +142,12 @@ class SciPy(AbstractLinearSolver):
         method, host_state = state
         return host_solve(method, host_state, b)
 
+    def certify(self, state, A):
+        if self.method != "splu":
+            return super().certify(state, A)
+        method, host_state = state
+        return host_certify(method, host_state, A)
+
 
 SciPy.__init__.__doc__ = """**Arguments:**
 
@@ -152,26 +166,32 @@ def _prepare_direct(method, options, csr):
     norm_A = np.max(np.abs(csr).sum(axis=1)) if csr.nnz else 0.0
     if method == "splu":
         lu = sla.splu(csr.tocsc(), **options)
-        solve = lu.solve if _well_conditioned(lu, csr) else _all_nan
-        return (solve, norm_A), int(lu.nnz) * (csr.dtype.itemsize + 4)
+        regular = _well_conditioned(lu, csr)
+        solve = lu.solve if regular else _all_nan
+        return (solve, norm_A, regular), int(lu.nnz) * (csr.dtype.itemsize + 4)
     csc = csr.tocsc()  # what spsolve factorises, converted once
     return (ft.partial(sla.spsolve, csc, **options), norm_A), csr_nbytes(csc)
 
 
 def _well_conditioned(lu, csr) -> bool:
-    """κ₁(A) ≤ 1/(n·ε), by Higham's estimate of ‖A⁻¹‖₁ from a few solves with the
-    factors: SuperLU factorises numerically singular matrices without complaint, and
-    their solutions pass any backward-error test while carrying no correct digit."""
-    n = csr.shape[0]
+    """`max(κ₁(A), κ∞(A)) ≤ 1/(√n·ε)`, by Higham's estimates of `‖A⁻¹‖₁` and
+    `‖A⁻ᴴ‖₁ = ‖A⁻¹‖∞` from a few solves with the factors: SuperLU factorises
+    numerically singular matrices without complaint, and their solutions pass any
+    backward-error test while carrying no correct digit. Both norms, so that the
+    factor of `A` (a JVP) and that of `Aᵀ` (a VJP) refuse the same matrices."""
     cast = lambda v: np.asarray(v, csr.dtype)  # the estimator works in float64
     inverse = sla.LinearOperator(
         csr.shape,
         matvec=lambda v: lu.solve(cast(v)),
-        rmatvec=lambda v: lu.solve(cast(v), trans="T"),
+        rmatvec=lambda v: lu.solve(cast(v), trans="H"),
         dtype=csr.dtype,
     )
-    condition = sla.onenormest(inverse) * np.max(np.abs(csr).sum(axis=0))
-    return bool(condition * n * np.finfo(csr.dtype).eps <= 1)
+    magnitude = np.abs(csr)
+    condition = np.maximum(  # NaN-propagating, unlike Python's max
+        sla.onenormest(inverse) * np.max(magnitude.sum(axis=0)),
+        sla.onenormest(inverse.H) * np.max(magnitude.sum(axis=1)),
+    )
+    return bool(condition <= singular_threshold(csr.shape[0], csr.dtype))
 
 
 def _all_nan(B):
@@ -179,7 +199,7 @@ def _all_nan(B):
 
 
 def _solve_direct(csr, prepared, B):
-    solve, norm_A = prepared
+    solve, norm_A = prepared[:2]
     X = np.array(np.reshape(solve(np.ascontiguousarray(B.T)), B.T.shape).T)
     residual = np.max(np.abs(B - (csr @ X.T).T), axis=1)
     scale = norm_A * np.max(np.abs(X), axis=1) + np.max(np.abs(B), axis=1)

@@ -13,7 +13,7 @@ from jax._src import core as jax_core
 from jax.experimental import sparse as jsparse
 from jaxtyping import Array, Float, Int, PyTree
 
-from .._misc import operator_norm_lower_bound, ravel, size, unravel
+from .._misc import max_or_nan, operator_norm_lower_bound, ravel, size, unravel
 
 
 class SparsityPattern:
@@ -315,7 +315,7 @@ def _register():
 
     @operator_norm_lower_bound.register(SparseLinearOperator)
     def _(operator):
-        return jnp.max(operator.row_sums(jnp.abs(operator.data)), initial=0)
+        return max_or_nan(operator.row_sums(jnp.abs(operator.data)))
 
     @lx.linearise.register(SparseLinearOperator)
     def _(operator):
