@@ -4,6 +4,7 @@ from typing import Literal
 import equinox as eqx
 import numpy as np
 
+from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
 from ._krylov import check_tolerances, default_rtol
 from ._on_host import (
@@ -122,6 +123,7 @@ class AMG(AbstractLinearSolver):
 
     def solve(self, state, b):
         method, host_state = state
+        report_solve(status="not converged")
         return host_solve(method, host_state, b)
 
     def _solve_rows(self, rtol, csr, hierarchy, B):

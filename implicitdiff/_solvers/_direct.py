@@ -2,6 +2,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
 from .._misc import credible, nan_unless, ravel, unravel
+from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
 
 
@@ -38,6 +39,7 @@ class Direct(AbstractLinearSolver):
         lu, pivots, norm, x_structure = state
         b_flat = ravel(b).astype(lu.dtype)
         x = jsl.lu_solve((lu, pivots), b_flat)  # NaN in lu or b makes x NaN
+        report_solve(status="singular")
         return unravel(nan_unless(credible(norm, x, b_flat), x), x_structure)
 
 

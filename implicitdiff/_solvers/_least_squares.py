@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
 from .._misc import nan_unless, ravel, size, unravel
+from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
 from ._cg import CG
 from ._krylov import DEFAULTS_DOC, check_tolerances
@@ -84,6 +85,7 @@ class LeastSquares(AbstractLinearSolver):
         if self._method(size(b)) == "cg":
             return self._cg().solve(state, b)
         factor, singular, x_structure = state
+        report_solve(status="singular")
         x = jsl.cho_solve((factor, True), ravel(b).astype(factor.dtype))
         ok = ~singular & jnp.all(jnp.isfinite(x))
         return unravel(nan_unless(ok, x), x_structure)

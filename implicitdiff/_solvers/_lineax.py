@@ -11,6 +11,7 @@ from .._misc import (
     size,
     unravel,
 )
+from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
 
 
@@ -65,6 +66,7 @@ class Lineax(AbstractLinearSolver):
 
     def solve(self, state, b):
         state, singular = state
+        report_solve(status={"singular": singular})
         x = self._solve(state, b)
         return nan_unless(~singular & all_finite(x), x)
 

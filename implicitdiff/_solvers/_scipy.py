@@ -6,6 +6,7 @@ import equinox as eqx
 import numpy as np
 import scipy.sparse.linalg as sla
 
+from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
 from ._krylov import check_tolerances, default_rtol
 from ._on_host import (
@@ -132,6 +133,8 @@ class SciPy(AbstractLinearSolver):
 
     def solve(self, state, b):
         method, host_state = state
+        direct = self.method in DIRECT_METHODS
+        report_solve(status="singular" if direct else "not converged")
         return host_solve(method, host_state, b)
 
 
