@@ -107,9 +107,10 @@ class SolveLogEntry:
         failure). Otherwise a solution is NaN from finite input, and the status says
         why: the reason the solver reported through `report_solve`
         (`"not converged"`, `"breakdown"`, `"singular"`); else `"singular"` when the
-        library's own checks rejected the solution (the solver's regularity
-        certificate `certify` failed, or the solution proves `A` numerically
-        singular); else `"failed"` (the solver returned NaN and gave no reason).
+        solver's answer was finite and the library's own checks rejected it (the
+        regularity certificate `certify` failed, or the answer proves `A`
+        numerically singular); else `"failed"` (the solver returned NaN and gave no
+        reason).
     - `presolve_time`, `solve_time`: wall-clock seconds of the presolve (with the
         solver's regularity certificate, `certify`) and of the solve, as measured on
         the host between data-dependent callbacks. A presolve is timed in every entry
@@ -263,7 +264,7 @@ def presolve(solver, operator, y_structure, direction):
     state = solver.presolve(operator, y_structure)
     regular = solver.certify(state, operator)
     (state, regular), end = _tick_after((state, regular))
-    return _TimedState(state, start, end, regular), regular
+    return _TimedState(state, start, end), regular
 
 
 def solve(solver, state, operator, b, direction, accept):
@@ -285,16 +286,17 @@ def solve(solver, state, operator, b, direction, accept):
     batch = _systems(_probe(x))
     info = (_solver_name(solver), direction.split()[0], size(b), _dtype_name(b))
     ticks = (state.start, state.end, start, end)
-    checks = (state.regular, all_finite(x_solver))
-    done = _record_when_run(info, ticks, batch, report, checks, operator, x, b)
+    done = _record_when_run(
+        info, ticks, batch, report, all_finite(x_solver), operator, x, b
+    )
     return _after(x, done)
 
 
-def _record_when_run(info, ticks, batch, report, checks, operator, x, b):
+def _record_when_run(info, ticks, batch, report, solver_finite, operator, x, b):
     """Stages the callback that appends this solve's entry to the logs of the calling
     thread's slot, with everything reduced over the `vmap` axes; returns its (opaque,
-    zero) result."""
-    regular, solver_finite = checks
+    zero) result. `solver_finite`: whether the solver's own answer was finite, before
+    the library's checks."""
     x_finite = all_finite(x)
     residual, operator_finite = _residual(operator, x, b, x_finite)
     bad_input = ~all_finite(b) | (~x_finite & ~operator_finite)
@@ -310,7 +312,7 @@ def _record_when_run(info, ticks, batch, report, checks, operator, x, b):
         eqxi.unvmap_max(report.get("reason", jnp.int32(0))),
         eqxi.unvmap_any(bad_input),
         eqxi.unvmap_any(failed),
-        eqxi.unvmap_any(failed & (solver_finite | ~regular)),
+        eqxi.unvmap_any(failed & solver_finite),
     )
     jax.debug.callback(_completed, done)
     return done
@@ -406,12 +408,11 @@ class _Report(dict):
 
 
 class _TimedState(eqx.Module):
-    """The solver's state with the presolve's start and end ticks and certificate."""
+    """The solver's state with the presolve's start and end ticks."""
 
     state: PyTree
     start: Array
     end: Array
-    regular: Array
 
 
 def _reports() -> list[_Report]:
