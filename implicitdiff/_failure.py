@@ -46,8 +46,10 @@ class _DropOwnErrors(logging.Filter):
 
 
 _OWN_ERRORS = _DropOwnErrors()
-# The logger of `jax.debug.callback`, in JAX's private module; by name, not by import.
-logging.getLogger("jax._src.debugging").addFilter(_OWN_ERRORS)
+# The loggers of `jax.debug.callback` and `jax.pure_callback`, in JAX's private
+# modules; by name, not by import.
+for _logger in ("jax._src.debugging", "jax._src.callback"):
+    logging.getLogger(_logger).addFilter(_OWN_ERRORS)
 
 
 def raise_on_every_device(host: Callable, *args: Array, error: type) -> None:
@@ -133,12 +135,16 @@ def _warn(message: str, site: CallSite):
 
 
 def _raise(message: str):
-    """Raises `OnFailureError` on every device (the flag is reduced over all)."""
+    """Raises `OnFailureError`: with one device, from a `pure_callback` (no effect
+    token: ~100 µs less per call on CPU than a debug callback); with several, on every
+    device (the flag is reduced over all of them), as one raising alone would hang."""
 
     def host(flag):
         raise OnFailureError(f'{message} (on_failure="raise")')
 
     def branch(flag):
+        if jax.device_count() == 1:
+            return jax.pure_callback(host, jax.ShapeDtypeStruct((), jnp.bool_), flag)
         raise_on_every_device(host, flag, error=OnFailureError)
         return flag
 
