@@ -25,7 +25,8 @@ class OnFailureError(RuntimeError):
 
     Raised as such outside `jit`. Under `jit` it is raised on the host, inside the
     running program, and JAX turns it into a `jax.errors.JaxRuntimeError` whose
-    message ends with `implicitdiff.OnFailureError: ` and this error's text.
+    message (the callback's traceback) ends with the line `OnFailureError: ` and this
+    error's text.
     """
 
 

@@ -2,10 +2,11 @@
 
 Run in a subprocess with four CPU devices (see tests/sharding_script.py). Each case
 fails on one device's shard only, and collectives follow the failure (a sum over the
-batch, a dot product of the field): every device must stop with the error, none wait
-for the others (which used to end in SIGABRT after 40 s). Prints one JSON object: for
-each case the exception's type and the last line of its message, and a second call on
-good data (the process goes on).
+batch, a dot product of the field); a third case is an `implicitdiff.host` function
+that raises. Every device must stop with the error, none wait for the others (which
+used to end in SIGABRT after 40 s). Prints one JSON object: for each case the
+exception's type and the last line of its message, and a second call on good data
+(the process goes on).
 """
 
 import json
@@ -39,6 +40,17 @@ def field(x):
     return g @ x
 
 
+def checked_sqrt(x):
+    if np.any(x == 0):
+        raise ValueError("zero")
+    return np.sqrt(x)
+
+
+def host_batch(X):
+    """A NumPy function raising on one problem of the batch, then a sum."""
+    return jnp.sum(jax.vmap(idf.host(checked_sqrt))(X))
+
+
 def outcome(fn, bad, good):
     compiled = jax.jit(fn)
     try:
@@ -64,6 +76,7 @@ def main():
             {
                 "batch": outcome(batch, put(X), put(X + 1.0)),
                 "field": outcome(field, put(x), put(x + 1.0)),
+                "host": outcome(host_batch, put(X), put(X + 1.0)),
             }
         )
     )

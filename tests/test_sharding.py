@@ -134,3 +134,10 @@ def test_raise_policy_raises_on_every_device_instead_of_hanging():
         assert result["last_line"].endswith('(on_failure="raise")')
         # The process goes on: the same program runs on good data.
         assert abs(result["good"] - good) < 1e-9 * good
+    # implicitdiff.host re-raises its function's error the same way.
+    host = report["host"]
+    assert host["raised"] == "JaxRuntimeError"
+    assert host["last_line"] == (
+        "HostFunctionError: implicitdiff.host: `checked_sqrt` raised ValueError: zero"
+    )
+    assert abs(host["good"] - (23 * 2**0.5 + 1)) < 1e-9 * host["good"]
