@@ -148,7 +148,7 @@ def main():
     try:
         jax.block_until_ready(eqx.filter_jit(jax.grad(lambda b: raising(b).sum()))(b))
         raised = ""
-    except Exception as error:  # an EquinoxRuntimeError, raised under jit too
+    except Exception as error:  # JaxRuntimeError, its last line the OnFailureError
         raised = f"{type(error).__name__}"
     checks.true('on_failure="raise" raises', raised, raised)
 

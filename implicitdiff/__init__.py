@@ -4,6 +4,7 @@ import importlib.metadata as _metadata
 
 from . import conditions as conditions, projections as projections, prox as prox
 from ._argmin import Argmin as Argmin, argmin as argmin
+from ._failure import OnFailureError as OnFailureError
 from ._host import host as host
 from ._implicit_function import ImplicitFunction as ImplicitFunction
 from ._linear_solve import linear_solve as linear_solve
@@ -12,7 +13,11 @@ from ._representation import (
     MatrixRepresentation as MatrixRepresentation,
     OperatorRepresentation as OperatorRepresentation,
 )
-from ._solve_log import SolveLog as SolveLog, SolveLogEntry as SolveLogEntry
+from ._solve_log import (
+    SolveLog as SolveLog,
+    SolveLogEntry as SolveLogEntry,
+    report_solve as report_solve,
+)
 from ._solvers._amg import AMG as AMG
 from ._solvers._auto import Auto as Auto
 from ._solvers._base import AbstractLinearSolver as AbstractLinearSolver

@@ -1,10 +1,11 @@
 """What happens when a linear solve fails: the `on_failure` policies."""
 
+import logging
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
-import equinox as eqx
 import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,57 @@ ON_FAILURE_CHOICES = ("nan", "warn", "raise")
 
 # Frames from these packages are skipped when looking for the user's call site.
 _LIBRARY_PREFIXES = ("implicitdiff", "jax", "jaxlib", "equinox", "lineax", "contextlib")
+
+
+class OnFailureError(RuntimeError):
+    """The error of `on_failure="raise"`: a derivative (or, with `check_conditions`,
+    the forward's output) could not be computed correctly.
+
+    Raised as such outside `jit`. Under `jit` it is raised on the host, inside the
+    running program, and JAX turns it into a `jax.errors.JaxRuntimeError` whose
+    message (the callback's traceback) ends with the line `OnFailureError: ` and this
+    error's text.
+    """
+
+
+OnFailureError.__module__ = "implicitdiff"  # how tracebacks name it
+
+
+class _DropOwnErrors(logging.Filter):
+    """JAX logs the traceback of an exception raised in a callback before it re-raises
+    it: for our own errors that is the message twice, once buried in frames."""
+
+    def __init__(self):
+        super().__init__()
+        self.types: tuple[type, ...] = (OnFailureError,)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, self.types)
+
+
+_OWN_ERRORS = _DropOwnErrors()
+# The loggers of `jax.debug.callback` and `jax.pure_callback`, in JAX's private
+# modules; by name, not by import.
+for _logger in ("jax._src.debugging", "jax._src.callback"):
+    logging.getLogger(_logger).addFilter(_OWN_ERRORS)
+
+
+def raise_on_every_device(host: Callable, *args: Array, error: type) -> None:
+    """Stages `host(*args)`, which may raise `error`, to run on every device.
+
+    Under sharding a `pure_callback` (or an unpartitioned debug callback) runs on one
+    device: when it raised, the other devices waited for it at their next collective
+    until XLA aborted the process (SIGABRT after 40 s, no Python exception). A
+    partitioned debug callback returns nothing and runs on every device, so with
+    arguments that every device holds whole (reduced over all of them) every device,
+    in every process, stops with the error. JAX does not log the traceback of
+    `error`: the message reaches the user once, at the end of JAX's error.
+    (`partitioned` is not implemented on TPU, where the callback runs on one device.)
+    """
+    _OWN_ERRORS.types = tuple({*_OWN_ERRORS.types, error})
+    partitioned = jax.default_backend() != "tpu"
+    jax.debug.callback(host, *args, partitioned=partitioned)
 
 
 class CallSite(NamedTuple):
@@ -57,23 +109,44 @@ def apply_policy(
     """NaN-fills `x` where `failed`, and warns or raises as `policy` says.
 
     Costs one `lax.cond` on an unbatched flag when nothing fails: `unvmap_any` reduces
-    the flag over every `vmap` axis, so the cond is not turned into a `select` that
-    would run the callback on every call. Only the flag goes to the host, never `x`:
-    a sharded `x` stays sharded. The warning is a `pure_callback` whose output feeds
-    the result (so it is not dead code): unlike `jax.debug.callback` it carries no
-    effect token, whose mere presence costs ~70 µs per call on CPU.
+    the flag over every `vmap` axis (and, for sharded arrays, over every device), so
+    the cond is not turned into a `select` that would run the callback on every call.
+    Only the flag goes to the host, never `x`: a sharded `x` stays sharded.
     """
-    if policy == "warn":
-
-        def warn(flag):
-            def host(flag):
-                site.warn(message)
-                return flag
-
-            return jax.pure_callback(host, jax.ShapeDtypeStruct((), jnp.bool_), flag)
-
+    if policy != "nan":
+        branch = _warn(message, site) if policy == "warn" else _raise(message)
         any_failed = eqxi.unvmap_any(failed)
-        failed = failed & lax.cond(any_failed, warn, lambda flag: flag, any_failed)
-    elif policy == "raise":
-        failed = eqx.error_if(failed, failed, message)
+        flag = lax.cond(any_failed, branch, lambda f: f, any_failed)
+        failed = failed & flag
     return jax.tree.map(lambda leaf: jnp.where(failed, jnp.nan, leaf), x)
+
+
+def _warn(message: str, site: CallSite):
+    """A `pure_callback` whose output feeds the result (so it is not dead code): unlike
+    `jax.debug.callback` it carries no effect token, whose mere presence costs ~70 µs
+    per call on CPU."""
+
+    def host(flag):
+        site.warn(message)
+        return flag
+
+    return lambda flag: jax.pure_callback(
+        host, jax.ShapeDtypeStruct((), jnp.bool_), flag
+    )
+
+
+def _raise(message: str):
+    """Raises `OnFailureError`: with one device, from a `pure_callback` (no effect
+    token: ~100 µs less per call on CPU than a debug callback); with several, on every
+    device (the flag is reduced over all of them), as one raising alone would hang."""
+
+    def host(flag):
+        raise OnFailureError(f'{message} (on_failure="raise")')
+
+    def branch(flag):
+        if jax.device_count() == 1:
+            return jax.pure_callback(host, jax.ShapeDtypeStruct((), jnp.bool_), flag)
+        raise_on_every_device(host, flag, error=OnFailureError)
+        return flag
+
+    return branch

@@ -6,10 +6,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
+
+from ._failure import raise_on_every_device
 
 
 class HostFunctionError(RuntimeError):
@@ -71,15 +74,16 @@ def host(
     @ft.wraps(fn)
     def wrapped(*args, **kwargs):
         out_struct = _result_structure(result_shape, args, kwargs)
+        inferred = result_shape is None
         leaves = jax.tree.leaves((args, kwargs))
         if not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
-            outputs, error = _call(fn, name, out_struct, args, kwargs)
+            outputs, error = _call(fn, name, out_struct, inferred, args, kwargs)
             if error is not None:
                 raise HostFunctionError(error[1]) from error[0]
             return jax.tree.map(jnp.asarray, outputs)
 
         def callback(*args, **kwargs):
-            outputs, error = _call(fn, name, out_struct, args, kwargs)
+            outputs, error = _call(fn, name, out_struct, inferred, args, kwargs)
             return outputs, np.int32(0 if error is None else _ERRORS.store(error))
 
         outputs, token = jax.pure_callback(
@@ -89,7 +93,9 @@ def host(
             vmap_method="sequential",
             **kwargs,
         )
-        jax.debug.callback(_ERRORS.raise_if_any, token)
+        # One token for the batch, held by every device (see raise_on_every_device).
+        token = eqxi.unvmap_max(token)
+        raise_on_every_device(_ERRORS.raise_if_any, token, error=HostFunctionError)
         return outputs
 
     return wrapped
@@ -114,28 +120,44 @@ def _structure(tree):
     )
 
 
-def _call(fn, name, out_struct, args, kwargs):
+def _call(fn, name, out_struct, inferred, args, kwargs):
     """Calls `fn` and checks its outputs; returns `(outputs, None)` or, when anything
-    goes wrong, `(zeros, (exception, message))`. Never raises."""
+    goes wrong, `(zeros, (exception, message))`. Never raises. `inferred`: whether
+    `out_struct` was inferred from the first argument rather than declared."""
     try:
         args, kwargs = jax.tree.map(np.asarray, (args, kwargs))
-        return _conform(fn(*args, **kwargs), out_struct), None
+        outputs = fn(*args, **kwargs)
     except Exception as e:
         message = f"implicitdiff.host: `{name}` raised {type(e).__name__}: {e}"
-        zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), out_struct)
-        return zeros, (e, message)
+        return _zeros(out_struct), (e, message)
+    try:
+        return _conform(outputs, out_struct), None
+    except Exception as e:
+        origin = (
+            "inferred from its first argument, as no result_shape was given: pass "
+            "result_shape= (a pytree of jax.ShapeDtypeStruct, or a function of the "
+            "arguments' structures) to declare its output"
+            if inferred
+            else "declared by result_shape"
+        )
+        message = f"implicitdiff.host: `{name}` {e}; the expected output was {origin}."
+        return _zeros(out_struct), (e, message)
+
+
+def _zeros(out_struct):
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), out_struct)
 
 
 def _conform(outputs, out_struct):
     leaves, treedef = jax.tree.flatten(outputs)
     structs, expected = jax.tree.flatten(out_struct)
     if treedef != expected:
-        raise TypeError(f"returned the structure {treedef}, declared {expected}")
+        raise TypeError(f"returned the structure {treedef}, expected {expected}")
     arrays = []
     for leaf, s in zip(leaves, structs, strict=True):
         array = np.asarray(leaf)
         if array.shape != s.shape:
-            raise ValueError(f"returned shape {array.shape}, declared {s.shape}")
+            raise ValueError(f"returned shape {array.shape}, expected {s.shape}")
         arrays.append(array.astype(s.dtype))
     return jax.tree.unflatten(treedef, arrays)
 
@@ -157,13 +179,13 @@ class _ErrorSlots:
                 self._errors.popitem(last=False)
             return token
 
-    def raise_if_any(self, tokens) -> None:
-        tokens = np.asarray(tokens).ravel()  # a whole batch under vmap
-        if not np.any(tokens):
+    def raise_if_any(self, token) -> None:
+        """Raises the error of `token` (0: none); every device raises the same one,
+        so it stays stored (until 64 newer ones push it out)."""
+        if not token:
             return
-        token = int(tokens[np.flatnonzero(tokens)[0]])
         with self._lock:
-            exception, message = self._errors.pop(token, (None, None))
+            exception, message = self._errors.get(int(token), (None, None))
         if message is None:
             message = "implicitdiff.host: the host function raised (details lost)."
         raise HostFunctionError(message) from exception

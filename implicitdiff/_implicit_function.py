@@ -382,8 +382,11 @@ ImplicitFunction.__init__.__doc__ = """**Arguments:**
     conditions and returned, with zero derivative.
 - `on_failure`: what a failed linear solve does. Its derivative is always all-NaN;
     `"nan"` says nothing more, `"warn"` (default) also emits a `RuntimeWarning` naming
-    the solver, once per call site (under `jit` too), `"raise"` raises an error (under
-    `jit` too, through `equinox.error_if`). When nothing fails the check is one
+    the solver, once per call site (under `jit` too), `"raise"` raises an
+    [`implicitdiff.OnFailureError`][] (under `jit` too, as the last line of JAX's
+    `JaxRuntimeError`; on every device of a sharded program). A program exported with
+    `jax.export` needs `"nan"`: JAX cannot serialise the host callback of the others.
+    When nothing fails the check is one
     branch on a flag, but `"warn"` and `"raise"` put a host callback in the compiled
     program, and JAX (0.10) then skips its fast C++ dispatch: about 20 µs more per
     call of the outermost `jit`. Negligible for a training step. For a jitted function

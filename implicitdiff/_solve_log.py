@@ -1,9 +1,9 @@
 """Hooks through which every linear solve runs, and `SolveLog`, which records them.
 
-The core calls `presolve` and `solve` below for every linear solve, and iterative
-solvers call `note_iterations` from inside their `solve`. Outside a `SolveLog` the
-hooks are plain pass-throughs: they add nothing to the traced program, so the default
-path pays for no host callback at all.
+The core calls `presolve` and `solve` below for every linear solve, and solvers call
+`report_solve` from inside their `solve` (iterations, residual, why it failed).
+Outside a `SolveLog` the hooks are plain pass-throughs: they add nothing to the traced
+program, so the default path pays for no host callback at all.
 
 Inside a `SolveLog` they add host callbacks to the traced program:
 
@@ -24,13 +24,20 @@ over the batch first (`equinox.internal.unvmap_*`), so one batched solve is one 
 never one per right-hand side, and an unbatched presolve stays unbatched. The
 callbacks receive at most one number per system: nothing the size of the state is
 gathered from sharded arrays.
+
+**Which logs get an entry.** The callbacks run on XLA's threads, not the caller's, so
+the caller's logs travel with the program: each thread with open logs holds a small
+integer *slot*, the value of the `_LOGGING` user context (part of the jit cache key),
+staged into the record callback, which appends to the logs open in that slot. A slot is
+held while its thread has a log open and then reused, so a jitted function is traced
+once per concurrently logging thread, never once per log.
 """
 
 import dataclasses
 import functools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Literal
 
 import equinox as eqx
@@ -40,7 +47,7 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 from jax.custom_batching import custom_vmap
-from jaxtyping import Array, ArrayLike, Int, PyTree
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
 from ._misc import all_finite, nan_unless, ravel, size, structure, unravel
 
@@ -49,20 +56,26 @@ from ._misc import all_finite, nan_unless, ravel, size, structure, unravel
 # cache miss and a fresh trace. `jax.make_user_context` (public since JAX 0.7.2) is
 # made for this; the alternative, documenting that functions must be traced inside
 # the log, would silently record nothing for the common `jit` outside / call inside.
-# A bool, not the log itself: every log shares one trace, and the callbacks look the
-# active logs up when they run. Created at import, never inside a trace, so that it is
-# part of every key from the start.
-_LOGGING = jax.make_user_context(False)
+# Its value is the calling thread's slot (None: no log open), not a log: the logs of a
+# slot share one trace, and the callbacks look them up when they run. Thread-local,
+# as every JAX context. Created at import, never inside a trace, so that it is part of
+# every key from the start.
+_LOGGING = jax.make_user_context(None)
 
-_active_logs: list["SolveLog"] = []  # read by the callbacks, from XLA's threads
-_active_lock = threading.Lock()
-_tracing = threading.local()  # the step counts noted while a `solve` is traced
+_slots: dict[int, list["SolveLog"]] = {}  # slot -> its thread's open logs
+_slots_lock = threading.Lock()  # the callbacks read `_slots` from XLA's threads
+_thread = threading.local()  # this thread's slot and the context that set it
+_tracing = threading.local()  # what `report_solve` noted while a `solve` is traced
 
 # Ticks are microseconds modulo 2³¹: an int32 is exact with or without x64, and
 # differences modulo 2³¹ are right for any solve shorter than 35 minutes.
 _TICK_MODULUS = 2**31
 
-Status = Literal["converged", "not converged", "singular", "non-finite input"]
+Status = Literal[
+    "converged", "not converged", "breakdown", "singular", "non-finite input", "failed"
+]
+# What a solver may report as the reason for a NaN solution; code = index + 1 (0: none).
+_REASONS = ("not converged", "breakdown", "singular", "non-finite input")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,14 +94,23 @@ class SolveLogEntry:
     - `dtype`: the dtype of the right-hand side.
     - `batch`: the number of systems solved together with one presolve.
     - `iterations`: the largest step count the solver reported through
-        `note_iterations`; `None` for a solver that reports none (direct solvers).
+        [`implicitdiff.report_solve`][]; `None` for a solver that reports none
+        (direct solvers).
     - `residual`: the largest relative residual `‖b − A x‖ / ‖b‖` (`‖b − A x‖` when
-        `b = 0`), computed with one extra product by `A`; NaN when the solution is NaN.
+        `b = 0`), computed by the log with one extra product by `A`; NaN when the
+        solution is NaN.
+    - `solver_residual`: the largest final residual the solver reported through
+        `report_solve`, as the solver measures it (the Krylov solvers: `‖b − A x‖/‖b‖`
+        of their last iterate, also when they failed); `None` if none was reported.
     - `status`: `"converged"` when every solution is finite; `"non-finite input"` when
         a right-hand side or the operator is not finite (NaN in, NaN out is no solver
-        failure); otherwise a solution is NaN from finite input, and the status is
-        `"not converged"` for a solver that reported iterations and `"singular"` for
-        one that did not (a direct solver that found the matrix singular).
+        failure). Otherwise a solution is NaN from finite input, and the status says
+        why: the reason the solver reported through `report_solve`
+        (`"not converged"`, `"breakdown"`, `"singular"`); else `"singular"` when the
+        solver's answer was finite and the library's own checks rejected it (the
+        regularity certificate `certify` failed, or the answer proves `A`
+        numerically singular); else `"failed"` (the solver returned NaN and gave no
+        reason).
     - `presolve_time`, `solve_time`: wall-clock seconds of the presolve (with the
         solver's regularity certificate, `certify`) and of the solve, as measured on
         the host between data-dependent callbacks. A presolve is timed in every entry
@@ -102,6 +124,7 @@ class SolveLogEntry:
     batch: int
     iterations: int | None
     residual: float
+    solver_residual: float | None
     status: Status
     presolve_time: float
     solve_time: float
@@ -133,9 +156,18 @@ class SolveLog:
     **When entries appear.** The callbacks run while the program executes, which under
     JAX's asynchronous dispatch may be after the call returns. Reading `log.entries`
     (or printing the log) and leaving the `with` block wait for them
-    (`jax.effects_barrier()`). Nested logs each record every solve. The callbacks run
-    on the first device, so in a multi-process run the entries appear in the process
-    that owns it.
+    (`jax.effects_barrier()`).
+
+    **Threads and nesting.** A log records the solves of the thread that entered it,
+    not those of other threads (each with its own logs); enter and leave it in the
+    same thread. Nested logs each record every solve run while they are open, and may
+    be left in any order. A jitted function is traced again (with the callbacks) once
+    per thread logging at the same time, not once per log. The callbacks run on the
+    first device, so in a multi-process run the entries appear in the process that
+    owns it.
+
+    **Solvers report** their iterations, final residual and the reason for a failure
+    through [`implicitdiff.report_solve`][]; a user's solver can too.
 
     !!! Example
 
@@ -155,30 +187,33 @@ class SolveLog:
     # pytree that JAX traces.
     def __init__(self):
         self._entries: list[SolveLogEntry] = []
-        self._context = None
+        self._open = False
 
     def __enter__(self) -> "SolveLog":
-        if self._context is not None:
+        if self._open:
             raise RuntimeError("SolveLog: this log is already active.")
-        self._context = _LOGGING(True)
-        self._context.__enter__()
-        with _active_lock:
-            _active_logs.append(self)
+        if not hasattr(_thread, "slot"):
+            _open_slot()
+        with _slots_lock:
+            _slots[_thread.slot].append(self)
+        self._open = True
         return self
 
     def __exit__(self, *exc_info) -> None:
         try:
             jax.effects_barrier()
         finally:
-            with _active_lock:
-                _active_logs.remove(self)
-            self._context.__exit__(*exc_info)
-            self._context = None
+            with _slots_lock:
+                logs = _slots[_thread.slot]
+                logs.remove(self)
+            self._open = False
+            if not logs:
+                _close_slot()
 
     @property
     def entries(self) -> list[SolveLogEntry]:
         """The recorded solves, oldest first (a copy)."""
-        if self._context is not None:
+        if self._open:
             jax.effects_barrier()
         return list(self._entries)
 
@@ -201,11 +236,28 @@ class SolveLog:
 SolveLog.__init__.__doc__ = """**Arguments:** none. Use it as a context manager."""
 
 
+def _open_slot() -> None:
+    """Gives this thread the smallest free slot and makes it the `_LOGGING` value."""
+    with _slots_lock:
+        slot = next(i for i in range(len(_slots) + 1) if i not in _slots)
+        _slots[slot] = []
+    _thread.slot, _thread.context = slot, _LOGGING(slot)
+    _thread.context.__enter__()
+
+
+def _close_slot() -> None:
+    context = _thread.context
+    with _slots_lock:
+        del _slots[_thread.slot]
+    del _thread.slot, _thread.context
+    context.__exit__(None, None, None)
+
+
 def presolve(solver, operator, y_structure, direction):
     """Runs `solver.presolve` and `solver.certify` (part of the presolve: once per
     linearisation point); records their time when a `SolveLog` is active. Returns the
     state for `solve` and the certificate."""
-    if not _LOGGING.value:
+    if _LOGGING.value is None:
         state = solver.presolve(operator, y_structure)
         return state, solver.certify(state, operator)
     operator, start = _tick_after(operator)
@@ -223,59 +275,136 @@ def solve(solver, state, operator, b, direction, accept):
         x = solver.solve(state, b)
         return nan_unless(accept(x), x)
     (inner, b), start = _tick_after((state.state, b))
-    notes = []
-    _notes_stack().append(notes)
+    report = _Report()
+    _reports().append(report)
     try:
-        x = solver.solve(inner, b)
+        x_solver = solver.solve(inner, b)
     finally:
-        _notes_stack().pop()
-    x = nan_unless(accept(x), x)
+        _reports().pop()
+    x = nan_unless(accept(x_solver), x_solver)
     x, end = _tick_after(x)
     batch = _systems(_probe(x))
     info = (_solver_name(solver), direction.split()[0], size(b), _dtype_name(b))
+    ticks = (state.start, state.end, start, end)
     done = _record_when_run(
-        info, (state.start, state.end, start, end), batch, notes, operator, x, b
+        info, ticks, batch, report, all_finite(x_solver), operator, x, b
     )
     return _after(x, done)
 
 
-def _record_when_run(info, ticks, batch, notes, operator, x, b):
-    """Stages the callback that appends this solve's entry to the active logs, with
-    everything reduced over the `vmap` axes; returns its (opaque, zero) result."""
+def _record_when_run(info, ticks, batch, report, solver_finite, operator, x, b):
+    """Stages the callback that appends this solve's entry to the logs of the calling
+    thread's slot, with everything reduced over the `vmap` axes; returns its (opaque,
+    zero) result. `solver_finite`: whether the solver's own answer was finite, before
+    the library's checks."""
     x_finite = all_finite(x)
     residual, operator_finite = _residual(operator, x, b, x_finite)
     bad_input = ~all_finite(b) | (~x_finite & ~operator_finite)
+    failed = ~x_finite & ~bad_input
     done = jax.pure_callback(
-        functools.partial(_record, info, bool(notes)),
+        functools.partial(_record, _LOGGING.value, info, report.reported()),
         jax.ShapeDtypeStruct((), jnp.int32),
         ticks,
         batch,
-        eqxi.unvmap_max(notes[-1]) if notes else -1,
+        eqxi.unvmap_max(report.get("iterations", jnp.int32(-1))),
         eqxi.unvmap_max(residual),
+        eqxi.unvmap_max(report.get("residual", jnp.float32(jnp.nan))),
+        eqxi.unvmap_max(report.get("reason", jnp.int32(0))),
         eqxi.unvmap_any(bad_input),
-        eqxi.unvmap_any(~x_finite & ~bad_input),
+        eqxi.unvmap_any(failed),
+        eqxi.unvmap_any(failed & solver_finite),
     )
     jax.debug.callback(_completed, done)
     return done
 
 
-def note_iterations(num_steps: Int[ArrayLike, ""]) -> None:
-    """Called by iterative solvers inside `solve` with their (traced) step count.
+def report_solve(
+    *,
+    iterations: Int[ArrayLike, ""] | None = None,
+    residual: Float[ArrayLike, ""] | None = None,
+    status: str | Mapping[str, Bool[ArrayLike, ""]] | None = None,
+) -> None:
+    """Reports how a linear solve went to [`implicitdiff.SolveLog`][], from inside the
+    `solve` method of any [`implicitdiff.AbstractLinearSolver`][] (the built-in ones
+    and a user's), with traced values.
+
+    Outside a `SolveLog` it does nothing and costs nothing. Inside one, the entry of
+    the solve shows what was reported; each keyword keeps the last value reported
+    for it. Call it in the scope of `solve` itself (after a loop, not inside its
+    body or inside a `vmap` of `solve`'s own).
 
     **Arguments:**
 
-    - `num_steps`: an integer array (a tracer), the number of iterations the solve
-        took, computed in the scope of `solve` itself (after the loop, not inside its
-        body).
+    - `iterations`: an integer scalar, the number of iterations the solve took.
+    - `residual`: a scalar, the final residual as the solver measures it (say
+        `‖b − A x‖/‖b‖` of the last iterate), also when it failed. (The log computes
+        the true residual of the returned solution itself.)
+    - `status`: why a NaN solution is NaN, when it is: `"not converged"`,
+        `"breakdown"`, `"singular"` or `"non-finite input"`; or a dict from these
+        to boolean scalars (traced), of which the first true one applies (none
+        true: no reason). Ignored when the solution is finite.
 
     **Returns:**
 
-    Nothing. Outside a [`implicitdiff.SolveLog`][] it does nothing; inside one, the
-    entry of this solve reports it (the last one noted, when several are).
+    Nothing.
+
+    !!! Example
+
+        ```python
+        class Richardson(idf.AbstractLinearSolver):
+            def presolve(self, A, y):
+                return A
+
+            def solve(self, A, b):
+                def step(carry):
+                    x, k = carry
+                    return x + 0.5 * (b - A.mv(x)), k + 1
+
+                def go_on(carry):
+                    x, k = carry
+                    return (jnp.linalg.norm(b - A.mv(x)) > 1e-10) & (k < 100)
+
+                x, k = jax.lax.while_loop(go_on, step, (jnp.zeros_like(b), 0))
+                r = jnp.linalg.norm(b - A.mv(x)) / jnp.linalg.norm(b)
+                converged = r <= 1e-10
+                idf.report_solve(
+                    iterations=k, residual=r, status={"not converged": ~converged}
+                )
+                return jnp.where(converged, x, jnp.nan)
+        ```
     """
-    stack = _notes_stack()
-    if stack:
-        stack[-1].append(jnp.asarray(num_steps))
+    reason = None if status is None else _reason_code(status)
+    reports = _reports()
+    if not reports:
+        return
+    values = {"iterations": iterations, "residual": residual, "reason": reason}
+    for name, value in values.items():
+        if value is not None:
+            reports[-1][name] = jnp.asarray(value)
+
+
+def _reason_code(status) -> Int[Array, ""]:
+    """The code of a reported failure reason (index + 1 in `_REASONS`); checks the
+    names when tracing, with or without a log."""
+    flags = {status: True} if isinstance(status, str) else dict(status)
+    unknown = [name for name in flags if name not in _REASONS]
+    if unknown:
+        raise ValueError(
+            f"implicitdiff.report_solve: unknown status {unknown[0]!r}; expected one "
+            f"of {_REASONS}."
+        )
+    code = jnp.zeros((), jnp.int32)
+    for name, flag in reversed(flags.items()):  # the first true flag wins
+        code = jnp.where(flag, _REASONS.index(name) + 1, code)
+    return code
+
+
+class _Report(dict):
+    """What `report_solve` noted during one traced `solve`: name -> traced value."""
+
+    def reported(self) -> tuple[bool, bool]:
+        """Whether iterations and a residual were reported (static, for the record)."""
+        return "iterations" in self, "residual" in self
 
 
 class _TimedState(eqx.Module):
@@ -286,10 +415,10 @@ class _TimedState(eqx.Module):
     end: Array
 
 
-def _notes_stack() -> list[list]:
-    if not hasattr(_tracing, "stack"):
-        _tracing.stack = []
-    return _tracing.stack
+def _reports() -> list[_Report]:
+    if not hasattr(_tracing, "reports"):
+        _tracing.reports = []
+    return _tracing.reports
 
 
 def _tick_after(tree):
@@ -376,11 +505,14 @@ def _residual(operator, x, b, x_finite):
     return jnp.where(x_finite, relative, jnp.nan), jnp.all(jnp.isfinite(product))
 
 
-def _record(info, iterative, ticks, batch, iterations, residual, bad_input, failed):
+def _record(slot, info, reported, ticks, batch, iterations, residual, *rest):
+    solver_residual, reason, bad_input, failed, rejected = rest
     solver, direction, n, dtype = info
+    has_iterations, has_residual = reported
     pre_start, pre_end, start, end = (int(t) for t in ticks)
     if failed:
-        status = "not converged" if iterative else "singular"
+        status = _REASONS[reason - 1] if reason else None
+        status = status or ("singular" if rejected else "failed")
     else:
         status = "non-finite input" if bad_input else "converged"
     entry = SolveLogEntry(
@@ -389,14 +521,15 @@ def _record(info, iterative, ticks, batch, iterations, residual, bad_input, fail
         size=n,
         dtype=dtype,
         batch=int(batch),
-        iterations=int(iterations) if iterative else None,
+        iterations=int(iterations) if has_iterations else None,
         residual=float(residual),
+        solver_residual=float(solver_residual) if has_residual else None,
         status=status,
         presolve_time=((pre_end - pre_start) % _TICK_MODULUS) * 1e-6,
         solve_time=((end - start) % _TICK_MODULUS) * 1e-6,
     )
-    with _active_lock:
-        for log in _active_logs:
+    with _slots_lock:
+        for log in _slots.get(slot, ()):
             log._entries.append(entry)
     return np.zeros((), np.int32)
 

@@ -87,11 +87,35 @@ def test_exception_names_the_function(transform):
 
 
 def test_wrong_output_shape_is_an_error():
-    wrapped = idf.host(lambda x: x[:2])
-    with pytest.raises(idf._host.HostFunctionError, match=r"returned shape \(2,\)"):
-        wrapped(X)
-    with pytest.raises(Exception, match=r"returned shape \(2,\), declared \(3,\)"):
-        jax.block_until_ready(jax.jit(wrapped)(X))
+    declared = idf.host(lambda x: x[:2], jax.ShapeDtypeStruct((3,), jnp.float64))
+    with pytest.raises(idf._host.HostFunctionError) as info:
+        declared(X)
+    assert str(info.value).endswith(
+        "returned shape (2,), expected (3,); the expected output was declared by "
+        "result_shape."
+    )
+    with pytest.raises(Exception, match=r"returned shape \(2,\), expected \(3,\)"):
+        jax.block_until_ready(jax.jit(declared)(X))
+
+
+@pytest.mark.parametrize("transform", ["eager", "jit", "jit-vmap"])
+def test_inferred_result_shape_says_so_and_names_the_fix(transform, capfd):
+    # Nothing declared: the message must not say "declared", but where the expected
+    # shape came from and how to declare it. Under jit it is the last line of JAX's
+    # error, and JAX does not print its traceback as well.
+    wrapped = idf.host(lambda x: np.ones(4))
+    call = {
+        "eager": lambda: wrapped(3.0),
+        "jit": lambda: jax.jit(wrapped)(3.0),
+        "jit-vmap": lambda: jax.jit(jax.vmap(wrapped))(jnp.ones(2)),
+    }[transform]
+    with pytest.raises(Exception) as info:
+        jax.block_until_ready(call())
+    last = str(info.value).splitlines()[-1]
+    assert "returned shape (4,), expected ()" in last
+    assert "inferred from its first argument, as no result_shape was given" in last
+    assert "pass result_shape=" in last and "declared ()" not in last
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_host_forward_of_implicit_function():

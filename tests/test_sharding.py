@@ -18,6 +18,8 @@ import pytest
 jax.config.update("jax_enable_x64", True)
 
 SCRIPT = Path(__file__).with_name("sharding_script.py")
+RAISE_SCRIPT = Path(__file__).with_name("sharding_raise_script.py")
+ROOT = Path(__file__).resolve().parents[1]
 FIELD_SIZE = 4096  # N in the script
 DEVICES = 4
 
@@ -38,18 +40,21 @@ def report(tmp_path_factory):
     return json.loads(output.read_text())
 
 
-def run_script() -> str:
+def run_script(script: Path = SCRIPT, timeout: int = 600) -> str:
+    # The package under test, not whichever copy the interpreter has installed.
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = dict(
         os.environ,
         XLA_FLAGS="--xla_force_host_platform_device_count=4",
         JAX_PLATFORMS="cpu",
+        PYTHONPATH=path,
     )
     run = subprocess.run(
-        [sys.executable, str(SCRIPT)],
+        [sys.executable, str(script)],
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     assert run.returncode == 0, run.stderr[-4000:]
     return run.stdout.strip().splitlines()[-1]
@@ -110,3 +115,29 @@ def test_same_values_and_derivatives_as_one_device(
     result = report[group][case]
     assert result["vs_one_device"] <= 1e-12
     assert result["vs_reference"] <= reference_tolerance
+
+
+def test_raise_policy_raises_on_every_device_instead_of_hanging():
+    # One failing problem on one device used to leave the others waiting at the next
+    # all-reduce until XLA aborted the process (SIGABRT after 40 s, no exception).
+    report = json.loads(run_script(RAISE_SCRIPT, timeout=300))
+    # On good data, x + 1 is 2 but for one element, which is 1: Σ ∂√x/∂x and Σ √x / 2.
+    expected = {"batch": 23 * 0.5 / 2**0.5 + 0.5, "field": 63 * 0.5 * 2**0.5 + 0.5}
+    for case, good in expected.items():
+        result = report[case]
+        assert result["raised"] == "JaxRuntimeError"
+        assert result["last_line"].startswith(
+            "OnFailureError: implicitdiff: Auto did not solve the VJP"
+            if case == "batch"
+            else "OnFailureError: implicitdiff: CG did not solve the VJP"
+        )
+        assert result["last_line"].endswith('(on_failure="raise")')
+        # The process goes on: the same program runs on good data.
+        assert abs(result["good"] - good) < 1e-9 * good
+    # implicitdiff.host re-raises its function's error the same way.
+    host = report["host"]
+    assert host["raised"] == "JaxRuntimeError"
+    assert host["last_line"] == (
+        "HostFunctionError: implicitdiff.host: `checked_sqrt` raised ValueError: zero"
+    )
+    assert abs(host["good"] - (23 * 2**0.5 + 1)) < 1e-9 * host["good"]

@@ -1,6 +1,7 @@
 """SolveLog: what it records (under jit, vmap and every derivative), and what it costs
 when no log is active."""
 
+import threading
 import time
 
 import jax
@@ -240,3 +241,181 @@ def test_table_and_pytree_float32_entries():
     assert lines[1].split()[:6] == ["0", "Lineax(QR)", "VJP", "6", "1", "n/a"]
     assert "converged" in lines[1]
     assert str(idf.SolveLog()) == "SolveLog: no solves recorded."
+
+
+def test_each_thread_records_only_its_own_solves():
+    # Two threads, each with a log open at the same time, one solve in one and two in
+    # the other: 1 and 2 entries (each used to get all 3). The callbacks run on XLA's
+    # threads, so this also checks that the caller's logs travel with the program.
+    grad = jax.jit(jax.grad(total(linear())))
+    both_open = threading.Barrier(2)
+    counts, sizes = {}, {}
+
+    def work(name, calls):
+        with idf.SolveLog() as log:
+            both_open.wait()
+            for k in range(calls):
+                grad((k + 1) * X).block_until_ready()
+            both_open.wait()  # both logs still open while the other thread works
+        counts[name], sizes[name] = len(log), {e.size for e in log}
+
+    threads = [
+        threading.Thread(target=work, args=(n, c)) for n, c in [("a", 1), ("b", 2)]
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert counts == {"a": 1, "b": 2} and sizes == {"a": {4}, "b": {4}}
+
+
+def test_nested_logs_left_out_of_order():
+    # Leaving the outer log first must not stop the inner one, and once both are left
+    # nothing is recorded and no callback is traced.
+    traces = []
+    f = linear(counter=traces)
+    grad = jax.jit(jax.grad(total(f)))
+    outer, inner = idf.SolveLog(), idf.SolveLog()
+    outer.__enter__()
+    inner.__enter__()
+    grad(X)
+    outer.__exit__(None, None, None)
+    grad(2 * X)
+    inner.__exit__(None, None, None)
+    grad(3 * X)
+    assert (len(outer), len(inner)) == (1, 2)
+    assert "callback" not in str(jax.make_jaxpr(jax.grad(total(f)))(X))
+    # A new log reuses the trace made inside the first ones: no retrace.
+    traced = len(traces)
+    with idf.SolveLog() as again:
+        grad(4 * X)
+    assert len(again) == 1 and len(traces) == traced
+
+
+class Richardson(idf.AbstractLinearSolver):
+    """x ← x + ω (b − A x): converges iff the spectral radius of I − ωA is below 1."""
+
+    omega: float
+    report: bool = True
+
+    def presolve(self, A, y):
+        return A
+
+    def solve(self, A, b):
+        def unfinished(carry):
+            x, k = carry
+            return (jnp.linalg.norm(b - A.mv(x)) > 1e-12) & (k < 50)
+
+        def step(carry):
+            x, k = carry
+            return x + self.omega * (b - A.mv(x)), k + 1
+
+        x, k = jax.lax.while_loop(unfinished, step, (jnp.zeros_like(b), 0))
+        residual = jnp.linalg.norm(b - A.mv(x)) / jnp.linalg.norm(b)
+        converged = residual <= 1e-12
+        if self.report:
+            idf.report_solve(
+                iterations=k, residual=residual, status={"not converged": ~converged}
+            )
+        return jnp.where(converged, x, jnp.nan)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_custom_solver_reports_iterations_residual_and_reason(dtype):
+    # A = diag(1, 2): Richardson with ω = 0.5 converges (I − ωA has radius 1/2), with
+    # ω = 1.5 it diverges (radius 2). The gradient of Σ y is A⁻¹ 1 = (1, 1/2).
+    d = jnp.array([1.0, 2.0], dtype)
+    tolerance = 1e-12 if dtype == jnp.float64 else 1e-5
+
+    def gradient(solver):
+        f = idf.ImplicitFunction(
+            lambda x: x / d, lambda x, y: d * y - x, solver, on_failure="nan"
+        )
+        return jax.jit(jax.grad(total(f)))(jnp.ones(2, dtype))
+
+    with idf.SolveLog() as log:
+        good = gradient(Richardson(0.5))
+        bad = gradient(Richardson(1.5))
+        silent = gradient(Richardson(1.5, report=False))
+    np.testing.assert_allclose(good, [1.0, 0.5], rtol=tolerance)
+    assert bool(jnp.all(jnp.isnan(bad))) and bool(jnp.all(jnp.isnan(silent)))
+    converged, diverged, unreported = log.entries
+    assert converged.status == "converged" and converged.solver == "Richardson"
+    assert 10 <= converged.iterations < 50 and converged.solver_residual <= 1e-12
+    # Diverged: 50 steps, the residual of the last iterate grew like 2⁵⁰.
+    assert diverged.status == "not converged" and diverged.iterations == 50
+    assert diverged.solver_residual > 1e10 and np.isnan(diverged.residual)
+    # A solver that says nothing is not accused of meeting a singular matrix.
+    assert unreported.status == "failed" and unreported.iterations is None
+    assert unreported.solver_residual is None
+    assert "not converged" in str(log) and "failed" in str(log)
+
+
+def test_core_rejection_is_logged_as_singular():
+    # A plain dense solve of a numerically singular matrix returns a huge finite x
+    # and reports nothing; the library's checks (certificate, κ bound) reject it.
+    class PlainSolve(idf.AbstractLinearSolver):
+        def presolve(self, A, y):
+            return A.as_matrix()
+
+        def solve(self, matrix, b):
+            return jnp.linalg.solve(matrix, b)
+
+    # Aᵀu = (1, 0) has |u| ≈ 1/ε: proof that κ(A) > 1/(√n·ε).
+    eps = float(jnp.finfo(jnp.float64).eps)
+    nearly = jnp.array([[1.0, 1.0], [1.0, 1.0 + eps]])
+    f = idf.ImplicitFunction(
+        lambda x: x, lambda x, y: nearly @ y - x, PlainSolve(), on_failure="nan"
+    )
+    with idf.SolveLog() as log:
+        g = jax.jit(jax.grad(lambda x: f(x)[0]))(jnp.ones(2))
+    assert bool(jnp.all(jnp.isnan(g)))
+    assert [e.status for e in log] == ["singular"]
+
+
+def test_krylov_breakdown_is_told_from_non_convergence():
+    # A = [[0, 1], [1, 0]] is regular but indefinite: for v = (1, 0), CG's first
+    # curvature pᵀAp is 0, a breakdown at once; GMRES solves it (u = (0, 1)).
+    swap = jnp.array([[0.0, 1.0], [1.0, 0.0]])
+
+    def vjp(solver):
+        f = idf.ImplicitFunction(
+            lambda x: swap @ x, lambda x, y: swap @ y - x, solver, on_failure="nan"
+        )
+        return jax.jit(lambda v: jax.vjp(f, jnp.ones(2))[1](v)[0])
+
+    with idf.SolveLog() as log:
+        broken = vjp(idf.CG())(jnp.array([1.0, 0.0]))
+        solved = vjp(idf.GMRES())(jnp.array([1.0, 0.0]))
+    assert bool(jnp.all(jnp.isnan(broken)))
+    np.testing.assert_allclose(solved, [0.0, 1.0], atol=1e-12)
+    assert [(e.solver, e.status) for e in log] == [
+        ("CG", "breakdown"),
+        ("GMRES", "converged"),
+    ]
+    assert log[0].iterations == 0 and log[1].iterations >= 1
+
+
+def test_batched_reports_are_reduced_over_the_batch():
+    # vmap over three right-hand sides of a regular system: one entry, the largest
+    # step count (Richardson on diag(1, 2) with ω = 0.5 from different b).
+    d = jnp.array([1.0, 2.0])
+    f = idf.ImplicitFunction(
+        lambda x: x / d, lambda x, y: d * y - x, Richardson(0.5), on_failure="nan"
+    )
+    with idf.SolveLog() as log:
+        J = jax.jit(jax.jacrev(f))(jnp.ones(2))
+    np.testing.assert_allclose(J, jnp.diag(1 / d), rtol=1e-12)
+    (entry,) = log.entries
+    assert entry.batch == 2 and entry.status == "converged" and entry.iterations > 10
+
+
+def test_unknown_status_is_an_error_when_tracing():
+    class Confused(Richardson):
+        def solve(self, A, b):
+            idf.report_solve(status="exploded")
+            return b
+
+    f = idf.ImplicitFunction(lambda x: x, lambda x, y: y - x, Confused(0.5))
+    with pytest.raises(ValueError, match="unknown status 'exploded'"):
+        jax.grad(total(f))(jnp.ones(2))  # with or without a log

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
 from ._host_certificate import host_certify, probe_is_credible
 from ._krylov import check_tolerances, default_rtol
@@ -134,6 +135,7 @@ class AMG(AbstractLinearSolver):
 
     def solve(self, state, b):
         method, host_state = state
+        report_solve(status="not converged")
         return host_solve(method, host_state, b)
 
     def certify(self, state, A):

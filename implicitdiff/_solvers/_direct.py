@@ -3,6 +3,7 @@ import jax.scipy.linalg as jsl
 from jaxtyping import Array, Float, Inexact
 
 from .._misc import max_or_nan, nan_unless, ravel, singular_threshold, unravel
+from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
 from ._condition import inverse_norm1_estimates
 
@@ -42,6 +43,7 @@ class Direct(AbstractLinearSolver):
 
     def solve(self, state, b):
         lu_and_pivots, regular, x_structure = state
+        report_solve(status="singular")
         x = jsl.lu_solve(lu_and_pivots, ravel(b).astype(lu_and_pivots[0].dtype))
         return unravel(nan_unless(regular, x), x_structure)
 

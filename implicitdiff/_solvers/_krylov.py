@@ -156,8 +156,11 @@ class AbstractKrylovSolver(AbstractLinearSolver):
         ):
             raise TypeError(
                 f"{name}: `preconditioner` must be None or an "
-                "implicitdiff.AbstractLinearSolver whose solve approximates A⁻¹ (such "
-                f"as implicitdiff.Jacobi()), got {self.preconditioner!r}."
+                "implicitdiff.AbstractPreconditioner, such as implicitdiff.Jacobi() or "
+                "implicitdiff.AMG().as_preconditioner(); got "
+                f"{self.preconditioner!r}. A linear solver is not a "
+                "preconditioner: use it as the linear_solver itself, or write an "
+                "AbstractPreconditioner."
             )
 
     @abc.abstractmethod
@@ -211,7 +214,8 @@ class AbstractKrylovSolver(AbstractLinearSolver):
         max_steps = (
             default_max_steps(b.size) if self.max_steps is None else self.max_steps
         )
-        tol = atol + rtol * jnp.linalg.norm(b)
+        b_norm = jnp.linalg.norm(b)
+        tol = atol + rtol * b_norm
 
         # `r_norm > tol` is False for a NaN or inf norm (and for a non-finite b, whose
         # tol is NaN or inf): the loop stops and the check below rejects.
@@ -226,8 +230,13 @@ class AbstractKrylovSolver(AbstractLinearSolver):
             return x, r, jnp.linalg.norm(r), steps + taken, taken == 0
 
         zero_steps = jnp.zeros((), np.int32)
-        init = (jnp.zeros_like(b), b, jnp.linalg.norm(b), zero_steps, jnp.array(False))
-        x, _, r_norm, steps, _ = lax.while_loop(unfinished, restart, init)
-        solve_log.note_iterations(steps)
+        init = (jnp.zeros_like(b), b, b_norm, zero_steps, jnp.array(False))
+        x, _, r_norm, steps, stuck = lax.while_loop(unfinished, restart, init)
         converged = jnp.isfinite(r_norm) & (r_norm <= tol) & jnp.all(jnp.isfinite(x))
+        broke = stuck | ~jnp.isfinite(r_norm)
+        solve_log.report_solve(
+            iterations=steps,
+            residual=r_norm / jnp.where(b_norm > 0, b_norm, 1),
+            status={"breakdown": broke, "not converged": ~converged},
+        )
         return nan_unless(converged, x)

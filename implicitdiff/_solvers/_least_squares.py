@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
 from .._misc import max_or_nan, nan_unless, ravel, singular_threshold, size, unravel
+from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
 from ._cg import CG
 from ._condition import inverse_norm1_estimates
@@ -99,6 +100,7 @@ class LeastSquares(AbstractLinearSolver):
         if self._method(size(b)) == "cg":
             return self._cg().solve(state, b)
         factor, regular, x_structure = state
+        report_solve(status="singular")
         x = jsl.cho_solve((factor, True), ravel(b).astype(factor.dtype))
         return unravel(nan_unless(regular, x), x_structure)
 

@@ -16,6 +16,7 @@ from .._misc import (
     size,
     unravel,
 )
+from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
 
 
@@ -93,6 +94,7 @@ class Lineax(AbstractLinearSolver):
         return _LineaxState(state, A, norm_bound, regular)
 
     def solve(self, state, b):
+        report_solve(status={"singular": ~state.regular})
         x = self._solve(state.state, b)
         if not self.solver.assume_full_rank():
             x = nan_unless(self._solves(state.operator, state.norm_bound, x, b), x)

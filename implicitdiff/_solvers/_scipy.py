@@ -7,6 +7,7 @@ import numpy as np
 import scipy.sparse.linalg as sla
 
 from .._misc import singular_threshold
+from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
 from ._host_certificate import host_certify
 from ._krylov import check_tolerances, default_rtol
@@ -140,6 +141,8 @@ class SciPy(AbstractLinearSolver):
 
     def solve(self, state, b):
         method, host_state = state
+        direct = self.method in DIRECT_METHODS
+        report_solve(status="singular" if direct else "not converged")
         return host_solve(method, host_state, b)
 
     def certify(self, state, A):
