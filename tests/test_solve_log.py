@@ -132,8 +132,11 @@ def test_non_finite_input_status():
 
 def test_entry_recorded_before_raise_policy_aborts():
     f = linear(idf.Direct(), on_failure="raise")
-    singular = idf.ImplicitFunction(
-        lambda x: x, lambda x, y: jnp.zeros((2, 2)) @ y - x, on_failure="raise"
+    singular = idf.ImplicitFunction(  # y = x does not solve 0·y = x: unchecked
+        lambda x: x,
+        lambda x, y: jnp.zeros((2, 2)) @ y - x,
+        on_failure="raise",
+        check_conditions=None,
     )
     with pytest.raises(Exception, match="did not solve"):
         with idf.SolveLog() as log:
