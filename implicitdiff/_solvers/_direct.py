@@ -58,8 +58,15 @@ def _condition_estimate(
     κ₁(Mᵀ)). NaN or inf when the matrix or its factors are not finite."""
     n = matrix.shape[0]
 
+    # The estimator's vectors are constants; made to depend on the factors, they are
+    # batched and sharded like them under `vmap`, as the row permutation (a gather
+    # by batched pivots) needs with explicitly sharded batches.
+    # (`zeros_like` would not do: it is not batched. A non-finite factor makes the
+    # estimate NaN, and a matrix with a non-finite factor is refused anyway.)
+    like_factors = 0 * lu_and_pivots[0][:, :1]
+
     def solve(trans):  # trans=2: with Mᴴ (Mᵀ for a real M)
-        return lambda v: jsl.lu_solve(lu_and_pivots, v, trans=trans)
+        return lambda v: jsl.lu_solve(lu_and_pivots, v + like_factors, trans=trans)
 
     inverse_1, inverse_inf = inverse_norm1_estimates(  # ‖M⁻¹‖∞ = ‖M⁻ᴴ‖₁
         solve(0), solve(2), n, matrix.dtype
