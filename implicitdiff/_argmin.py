@@ -11,6 +11,7 @@ from jaxtyping import Array, PyTree
 
 from ._conditions import projected_gradient, stationary
 from ._implicit_function import ImplicitFunction
+from ._misc import tree_norm
 
 
 def _optax():
@@ -21,10 +22,6 @@ def _optax():
             "implicitdiff.argmin runs an optax optimiser: pip install optax"
         ) from error
     return optax
-
-
-def _norm(tree: PyTree[Array]) -> Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.abs(leaf) ** 2) for leaf in jax.tree.leaves(tree)))
 
 
 def _no_forward(*args, **kwargs):
@@ -101,7 +98,7 @@ def _minimise(argmin: Argmin, init, x, *args, **kwargs):
 
     def unfinished(carry):
         y, _, _, grad, steps = carry
-        converged = _norm(residual(y, grad)) <= argmin.tol  # False for NaN
+        converged = tree_norm(residual(y, grad)) <= argmin.tol  # False for NaN
         return ~converged & (steps < argmin.max_steps)
 
     def step(carry):

@@ -41,7 +41,17 @@ class _Stationary(eqx.Module):
     f: Callable
 
     def __call__(self, x, y, *args, **kwargs):
-        return jax.grad(self.f, argnums=1)(x, y, *args, **kwargs)
+        return _gradient(self.f, x, y, args, kwargs)
+
+
+def _gradient(f, x, y, args, kwargs):
+    """`∇_y f(x, y, *args, **kwargs)`."""
+    return jax.grad(f, argnums=1)(x, y, *args, **kwargs)
+
+
+def _gradient_step(f, step, x, y, args, kwargs):
+    """`y − step·∇_y f(x, y, …)`: the point a projection or a prox is applied to."""
+    return _tree_axpy(-step, _gradient(f, x, y, args, kwargs), y)
 
 
 class _ProjectedGradient(eqx.Module):
@@ -50,7 +60,7 @@ class _ProjectedGradient(eqx.Module):
     step: float | Array
 
     def __call__(self, x, y, *args, **kwargs):
-        grad = jax.grad(self.f, argnums=1)(x, y, *args, **kwargs)
+        grad = _gradient(self.f, x, y, args, kwargs)
         return self.residual(x, y, grad, *args, **kwargs)
 
     def residual(self, x, y, grad, *args, **kwargs):
@@ -66,8 +76,7 @@ class _ProximalGradient(eqx.Module):
     step: float | Array
 
     def __call__(self, x, y, *args, **kwargs):
-        grad = jax.grad(self.f, argnums=1)(x, y, *args, **kwargs)
-        z = _tree_axpy(-self.step, grad, y)
+        z = _gradient_step(self.f, self.step, x, y, args, kwargs)
         return _tree_sub(y, self.prox(z, self.step, x, *args, **kwargs))
 
 

@@ -27,7 +27,7 @@ from jax.custom_derivatives import SymbolicZero
 from jaxtyping import PyTree
 
 from ._failure import ON_FAILURE_CHOICES, CallSite, OnFailure, apply_policy
-from ._misc import all_finite, is_inexact_array, ravel, structure, unravel
+from ._misc import all_finite, is_inexact_array, ravel, structure, tree_norm, unravel
 from ._representation import AbstractRepresentation, as_representation
 from ._solve import solve_linearised
 from ._solvers._auto import Auto
@@ -263,8 +263,8 @@ class ImplicitFunction(eqx.Module):
         """Applies `on_failure` when ‖c(x, y)‖ > tol·(1 + ‖y‖): a forward that stopped
         early must not yield outputs or derivatives that look fine. Returns `(y, z)`,
         every floating leaf NaN on failure."""
-        residual = _norm(self._conditions(conditions, x, y, z, args, kwargs))
-        failed = ~(residual <= self.check_conditions * (1 + _norm(y)))
+        residual = tree_norm(self._conditions(conditions, x, y, z, args, kwargs))
+        failed = ~(residual <= self.check_conditions * (1 + tree_norm(y)))
         message = (
             f"implicitdiff: the output of the forward {name_of(self.forward)} does not "
             f"satisfy the conditions: ‖c(x, y)‖ > {self.check_conditions:g}·(1 + ‖y‖); "
@@ -343,10 +343,6 @@ def _poison_if_nan(y_finite, tangents, rhs, z_dot):
 def _is_inexact(leaf) -> bool:
     dtype = getattr(leaf, "dtype", None)
     return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
-
-
-def _norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.abs(leaf) ** 2) for leaf in jax.tree.leaves(tree)))
 
 
 def _zero_tangent(leaf):

@@ -39,6 +39,11 @@ def size(tree: PyTree) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
 
 
+def tree_norm(tree: PyTree[Array]) -> Float[Array, ""]:
+    """The 2-norm over every element of every leaf (NaN if any is NaN)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.abs(leaf) ** 2) for leaf in jax.tree.leaves(tree)))
+
+
 def all_finite(tree: PyTree[Array]) -> Bool[Array, ""]:
     """Whether every element of every leaf is finite."""
     flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
