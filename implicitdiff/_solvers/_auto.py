@@ -1,5 +1,6 @@
 from .._misc import size
 from ._base import AbstractLinearSolver
+from ._diagonal import Diagonal, is_diagonal
 from ._direct import Direct
 from ._gmres import GMRES
 
@@ -10,18 +11,24 @@ DIRECT_MAX_SIZE = 1024
 
 class Auto(AbstractLinearSolver):
     """The default solver: [`implicitdiff.Direct`][] when `y` has at most 1024
-    elements in all, else [`implicitdiff.GMRES`][] with its default tolerances.
+    elements in all, else [`implicitdiff.GMRES`][] with its default tolerances; and
+    whatever the size, a division when `∂c/∂y` is diagonal (elementwise conditions
+    such as `y**2 - x`, and every scalar problem).
 
-    The choice is made at trace time from the flat size of the solution, and the
-    chosen solver's own certificate
-    ([`certify`][implicitdiff.AbstractLinearSolver.certify]) applies.
+    The choice is made at trace time, from the flat size of the solution and from the
+    structure of `∂c/∂y` (the sparsity detector of [`implicitdiff.Sparse`][] run on
+    its jaxpr: diagonal by construction, whatever the values). The chosen solver's
+    own certificate ([`certify`][implicitdiff.AbstractLinearSolver.certify]) applies;
+    for a diagonal, `κ = max|dᵢ|/min|dᵢ|` exactly.
     """
 
-    def _choose(self, y) -> AbstractLinearSolver:
+    def _choose(self, A, y) -> AbstractLinearSolver:
+        if is_diagonal(A):
+            return Diagonal()
         return Direct() if size(y) <= DIRECT_MAX_SIZE else GMRES()
 
     def presolve(self, A, y):
-        solver = self._choose(y)
+        solver = self._choose(A, y)
         return solver, solver.presolve(A, y)
 
     def solve(self, state, b):

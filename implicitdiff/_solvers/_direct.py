@@ -7,6 +7,11 @@ from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
 from ._condition import inverse_norm1_estimates
 
+# Up to this size the explicit inverse gives κ exactly and costs less than the
+# estimator: 28 µs against 72 µs for a jitted gradient at n = 16, 57 against 80 at 32,
+# 204 against 179 at 64 (2-core CPU, float64).
+_EXPLICIT_INVERSE_MAX = 48
+
 
 class Direct(AbstractLinearSolver):
     """Dense LU factorisation with partial pivoting of the materialised operator.
@@ -15,10 +20,12 @@ class Direct(AbstractLinearSolver):
     already did) and factorises it once; every `solve`, forward or transposed, is then
     two triangular solves. The right choice up to a few thousand unknowns.
 
-    **Certificate.** `presolve` also estimates `κ = max(κ₁(A), κ∞(A))` from the
-    factors (Hager's estimator with Higham's extra vector for `‖A⁻¹‖₁` and
-    `‖A⁻¹‖∞` together: six triangular solve pairs of two or three vectors, `O(n²)`
-    next to the `O(n³)` factorisation; the exact `‖A‖₁` and `‖A‖∞`). When
+    **Certificate.** `presolve` also computes `κ = max(κ₁(A), κ∞(A))` from the
+    factors: exactly, from the explicit inverse, up to 48 unknowns (one solve with
+    `n` right-hand sides costs less there than six dependent small solves); above,
+    estimated from below (Hager's estimator with Higham's extra vector for `‖A⁻¹‖₁`
+    and `‖A⁻¹‖∞` together: six triangular solve pairs of two or three vectors,
+    `O(n²)` next to the `O(n³)` factorisation; the exact `‖A‖₁` and `‖A‖∞`). When
     `κ > 1/(√n·ε)` (ε the machine precision of the dtype), a pivot is zero, or
     anything is not finite, the system is numerically singular:
     [`certify`][implicitdiff.AbstractLinearSolver.certify] says so at no extra cost,
@@ -54,27 +61,31 @@ class Direct(AbstractLinearSolver):
 def _condition_estimate(
     matrix: Inexact[Array, "n n"], lu_and_pivots
 ) -> Float[Array, ""]:
-    """`max(κ₁, κ∞)`, estimated from below: invariant under transposition (κ∞(M) is
-    κ₁(Mᵀ)). NaN or inf when the matrix or its factors are not finite."""
-    n = matrix.shape[0]
-
-    # The estimator's vectors are constants; made to depend on the factors, they are
-    # batched and sharded like them under `vmap`, as the row permutation (a gather
-    # by batched pivots) needs with explicitly sharded batches.
-    # (`zeros_like` would not do: it is not batched. A non-finite factor makes the
-    # estimate NaN, and a matrix with a non-finite factor is refused anyway.)
+    """`max(κ₁, κ∞)`, exact for small matrices and estimated from below above:
+    invariant under transposition (κ∞(M) is κ₁(Mᵀ)). NaN or inf when the matrix or
+    its factors are not finite."""
+    n, dtype = matrix.shape[0], matrix.dtype
+    # Constant right-hand sides, made to depend on the factors: so they are batched
+    # and sharded like them under `vmap`, as the row permutation (a gather by batched
+    # pivots) needs with explicitly sharded batches. (`zeros_like` would not do: it is
+    # not batched. A non-finite factor makes κ NaN, and such a matrix is refused
+    # anyway.)
     like_factors = 0 * lu_and_pivots[0][:, :1]
 
     def solve(trans):  # trans=2: with Mᴴ (Mᵀ for a real M)
         return lambda v: jsl.lu_solve(lu_and_pivots, v + like_factors, trans=trans)
 
-    inverse_1, inverse_inf = inverse_norm1_estimates(  # ‖M⁻¹‖∞ = ‖M⁻ᴴ‖₁
-        solve(0), solve(2), n, matrix.dtype
-    )
-    magnitude = jnp.abs(matrix)
-    norm_1 = max_or_nan(jnp.sum(magnitude, axis=0))
-    norm_inf = max_or_nan(jnp.sum(magnitude, axis=1))
+    if n <= _EXPLICIT_INVERSE_MAX:
+        inverse_1, inverse_inf = _norms_1_and_inf(solve(0)(jnp.eye(n, dtype=dtype)))
+    else:  # ‖M⁻¹‖∞ = ‖M⁻ᴴ‖₁
+        inverse_1, inverse_inf = inverse_norm1_estimates(solve(0), solve(2), n, dtype)
+    norm_1, norm_inf = _norms_1_and_inf(matrix)
     return jnp.maximum(norm_1 * inverse_1, norm_inf * inverse_inf)
+
+
+def _norms_1_and_inf(matrix: Inexact[Array, "n n"]) -> tuple[Array, Array]:
+    magnitude = jnp.abs(matrix)
+    return max_or_nan(jnp.sum(magnitude, axis=0)), max_or_nan(jnp.sum(magnitude, 1))
 
 
 Direct.__init__.__doc__ = """**Arguments:** none."""

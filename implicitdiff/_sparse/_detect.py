@@ -36,7 +36,9 @@ class _NotConstant(Exception):
 
 
 def detect_sparsity(
-    linear_fn: Callable, in_structure: PyTree[jax.ShapeDtypeStruct]
+    linear_fn: Callable,
+    in_structure: PyTree[jax.ShapeDtypeStruct],
+    warn_on_fallback: bool = True,
 ) -> SparsityPattern:
     """The pattern of the matrix of `linear_fn`, rows and columns in `ravel` order.
 
@@ -44,6 +46,7 @@ def detect_sparsity(
 
     - `linear_fn`: a linear function of a pytree shaped like `in_structure`.
     - `in_structure`: a pytree of `jax.ShapeDtypeStruct`.
+    - `warn_on_fallback`: whether a primitive without an exact rule warns.
 
     **Returns:**
 
@@ -61,7 +64,7 @@ def detect_sparsity(
     ]
     fallbacks = set()
     out_deps = _propagate(closed.jaxpr, closed.consts, in_deps, {}, fallbacks)
-    if fallbacks:
+    if fallbacks and warn_on_fallback:
         warnings.warn(
             "implicitdiff.Sparse('auto'): no exact sparsity rule for "
             f"{', '.join(sorted(fallbacks))}; every output element of it is taken to "
