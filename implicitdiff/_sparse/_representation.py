@@ -50,14 +50,19 @@ class Sparse(AbstractRepresentation):
     set, even a constant zero), `convert_element_type`, `copy`, `reshape`, `squeeze`,
     `broadcast_in_dim`, `transpose`, `rev`, `slice`, `split`, `pad`, `concatenate`,
     `select_n`, `dynamic_slice`, `dynamic_update_slice`, `gather` and `scatter-add`
-    (`x[idx]`, `x.at[idx].add(...)`; `.at[].set` keeps the overwritten elements) with
-    constant indices, `dot_general` with a constant operand (its structural nonzeros,
-    or all of its entries when it is not a constant), `reduce_sum`/`max`/`min`,
+    (`x[idx]`, `jnp.take`, `x.at[idx].add(...)`; `.at[].set` keeps the overwritten
+    elements) with constant indices, `dot_general` and `conv_general_dilated`
+    (`jnp.convolve`; strides, padding, dilations, feature groups) with a constant
+    operand (its structural nonzeros, or all of its entries when it is not a
+    constant), `reduce_sum`/`max`/`min`,
     `cumsum` and friends, and inside `jit`, `closed_call`, `custom_jvp_call`,
     `custom_vjp_call` and `checkpoint`. Index arrays computed from NumPy constants
     count as constants, also under `jit`. Anything else (`scan`, `while`, `cond`,
     `sort`, ...) is conservative, every output element of it depending on every one
-    of its inputs, with a warning: correct, with more colours.
+    of its inputs, with a warning: correct, with more colours. A pattern with a row
+    holding half the columns or more is not coloured (every colouring would have
+    that many colours): it is assembled as `representation="matrix"` does, one JVP
+    per column.
 
     **Verification.** Each assembled matrix is checked at run time against one more
     JVP, in a fixed pseudo-random direction `r`: unless every row `i` agrees,
@@ -65,7 +70,8 @@ class Sparse(AbstractRepresentation):
     dtype, so `√ε` is about 1e-8 in float64 and 3e-4 in float32), every stored value
     is NaN, so that the
     linear solve, and the derivative, is NaN rather than silently wrong. This catches
-    a user pattern that misses entries. The check costs one more JVP.
+    a user pattern that misses entries. The check costs one more JVP. (A dense
+    assembly knows the entries outside the pattern: they must be zero.)
 
     **Cost.** The pattern is detected once per trace, the operator assembled once
     per linearisation point for both the JVP and the VJP direction. At 10⁶ unknowns (a
