@@ -161,3 +161,35 @@ def test_bad_arguments_are_rejected():
     hash(solver)
     x = solve_with(solver, sparse_operator(SPD), RHS[0])
     np.testing.assert_allclose(x, np.linalg.solve(SPD.toarray(), RHS[0]), 1e-8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_condition_estimate_shortcut(monkeypatch, dtype):
+    """A matrix far from singular is certified by two solves, without Higham's
+    estimates; one near the threshold still goes through them, and is refused."""
+    import scipy.sparse as sp
+
+    from implicitdiff._misc import singular_threshold
+    from implicitdiff._solvers import _scipy
+
+    n = 2000
+    laplacian = sp.diags_array([-1.0, 2.0, -1.0], offsets=[-1, 0, 1], shape=(n, n))
+    well = sp.csc_matrix(laplacian + sp.eye_array(n), dtype=dtype)
+    estimates = []
+    original = _scipy.sla.onenormest
+    monkeypatch.setattr(
+        _scipy.sla,
+        "onenormest",
+        lambda A, *a, **k: estimates.append(1) or original(A, *a, **k),
+    )
+    assert _scipy._well_conditioned(_scipy.sla.splu(well), well.tocsr())
+    assert not estimates
+    # A Neumann Laplacian (singular) plus `shift·I`: κ₂ ≈ 4/shift, 8 times the
+    # threshold.
+    shift = 0.5 / singular_threshold(n, dtype)
+    near = sp.csc_matrix(laplacian + shift * sp.eye_array(n), dtype=np.float64)
+    near[0, 0] -= 1.0
+    near[-1, -1] -= 1.0
+    near = near.astype(dtype)
+    assert not _scipy._well_conditioned(_scipy.sla.splu(near), near.tocsr())
+    assert estimates

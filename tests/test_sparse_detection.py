@@ -1,6 +1,7 @@
 """Sparsity detection ("auto"): the detected pattern against the nonzeros of a dense
 Jacobian (jax.jacfwd at a random point)."""
 
+import functools as ft
 import warnings
 
 import jax
@@ -227,3 +228,118 @@ def test_custom_jvp_and_custom_vjp_calls_are_followed():
         pattern = detect_sparsity(linear, jax.ShapeDtypeStruct((8,), jnp.float64))
     matrix = jax.vmap(linear, out_axes=1)(jnp.eye(8))  # exact: `linear` is linear
     np.testing.assert_array_equal(_dense_pattern(pattern), np.asarray(matrix) != 0)
+
+
+INDICES = np.array([3, 1, 4, 1, 5, 9, 2, 6, 0, 7])
+
+
+@pytest.mark.parametrize(
+    "take",
+    [
+        lambda y: jnp.take(y, INDICES),
+        lambda y: jnp.take(y, INDICES - 10),  # negative indices
+        lambda y: jnp.take(y, INDICES + 3, mode="clip"),
+        lambda y: jnp.take(y, INDICES + 5, mode="fill", fill_value=0.0),
+        lambda y: jnp.take(y.reshape(2, 5), np.array([1, 0, 1]), axis=0).ravel()[:10],
+        lambda y: jnp.take_along_axis(
+            y.reshape(2, 5), np.array([[1, 0, 4, 4, 2], [2, 2, 3, 0, 1]]), axis=1
+        ).ravel(),
+    ],
+    ids=["take", "negative", "clip", "fill", "axis", "along_axis"],
+)
+@pytest.mark.parametrize("jit", [True, False])
+def test_take_is_exact(take, jit):
+    """Under jit the gather indices of `jnp.take` are a residual that a `jit` call
+    computes next to the gathered values (which depend on the unknowns): only the
+    former are folded."""
+    _assert_exact(lambda y: take(y) * y + y**2, _point((10,)), jit)
+
+
+KERNEL_1D = np.array([0.5, 0.0, -1.5])
+KERNELS_2D = RNG.normal(size=(4, 1, 3, 3)) * (RNG.random((4, 1, 3, 3)) < 0.6)
+SIGNAL = RNG.normal(size=(1, 1, 8)) * (np.arange(8) % 3 != 0)
+
+
+def _conv_2d(y, **options):
+    out = lax.conv_general_dilated(y.reshape(1, 2, 6, 7), KERNELS_2D, **options)
+    return jnp.concatenate([out.ravel(), y])
+
+
+CONVOLUTIONS = {
+    "convolve_same": (lambda y: jnp.convolve(y, KERNEL_1D, mode="same") * y, (12,)),
+    "convolve_full": (
+        lambda y: jnp.convolve(y, jnp.asarray(KERNEL_1D))[1:-1] + y**2,
+        (12,),
+    ),
+    "convolve_valid": (lambda y: jnp.convolve(y, KERNEL_1D, mode="valid"), (12,)),
+    "1d_strided_dilated": (
+        lambda y: lax.conv_general_dilated(
+            y.reshape(1, 1, 12),
+            KERNEL_1D.reshape(1, 1, 3),
+            (2,),
+            ((3, -1),),
+            lhs_dilation=(2,),
+            rhs_dilation=(3,),
+        ).ravel(),
+        (12,),
+    ),
+    "2d_grouped": (
+        ft.partial(
+            _conv_2d,
+            window_strides=(2, 1),
+            padding=((1, 0), (2, 1)),
+            lhs_dilation=(1, 2),
+            rhs_dilation=(2, 1),
+            feature_group_count=2,
+        ),
+        (84,),
+    ),
+    "2d_same": (
+        ft.partial(
+            _conv_2d, window_strides=(1, 1), padding="SAME", feature_group_count=2
+        ),
+        (84,),
+    ),
+    "2d_nhwc": (
+        lambda y: (
+            lax.conv_general_dilated(
+                y.reshape(2, 5, 4, 1),
+                KERNELS_2D.transpose(2, 3, 1, 0),
+                (1, 2),
+                "SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            ).ravel()[::2]
+            * y
+        ),
+        (40,),
+    ),
+    "kernel_unknown": (
+        lambda y: (
+            lax.conv_general_dilated(
+                jnp.asarray(SIGNAL), y[:3].reshape(1, 1, 3), (1,), ((1, 1),)
+            ).ravel()[:5]
+            + y
+        ),
+        (5,),
+    ),
+    "both_unknown": (
+        lambda y: lax.conv_general_dilated(
+            y.reshape(1, 1, 6), y[:3].reshape(1, 1, 3), (2,), ((2, 0),)
+        ).ravel(),
+        (6,),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CONVOLUTIONS))
+def test_convolution_is_exact(name):
+    """`jnp.convolve` and `lax.conv_general_dilated`: strides, padding (negative
+    too), input and kernel dilation, feature groups, layouts, a kernel that depends
+    on the unknowns, and the structural zeros of a constant kernel or signal."""
+    fn, shape = CONVOLUTIONS[name]
+    _assert_exact(fn, _point(shape))
+
+
+def test_convolution_is_exact_eagerly():
+    fn, shape = CONVOLUTIONS["2d_grouped"]
+    _assert_exact(fn, _point(shape), jit=False)

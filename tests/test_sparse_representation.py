@@ -2,6 +2,7 @@
 dense references."""
 
 import functools as ft
+import time
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from jax import lax
 from jax.experimental import sparse as jsparse
 
 import implicitdiff as idf
+from implicitdiff import _representation as _representation_module
 from implicitdiff._sparse import _colouring, _operator, _representation
 
 jax.config.update("jax_enable_x64", True)
@@ -395,3 +397,70 @@ def test_linear_solve_singular_gives_nan():
     assert jnp.all(jnp.isnan(x))
     g = jax.grad(sparse_loss)(singular, B)
     assert jnp.all(jnp.isnan(g))
+
+
+# A dense pattern: assembled as a dense Jacobian, not coloured ---------------------
+
+
+def _running_sums(y):
+    """`y + 0.01·cumsum(y)` through a `scan`, which detection takes as dense."""
+    _, sums = lax.scan(lambda total, v: (total + v, total + v), 0.0, y)
+    return y + 0.01 * sums
+
+
+def _assembly(representation, fn, n, dtype=jnp.float64):
+    """The compiled assembly of ∂fn/∂y (sparse values, or the dense matrix)."""
+    structure = jax.ShapeDtypeStruct((n,), dtype)
+
+    def assemble(y):
+        _, linear = jax.linearize(fn, y)
+        operator = representation.operator(linear, structure)
+        return (
+            operator.data
+            if isinstance(representation, idf.Sparse)
+            else (operator.as_matrix())
+        )
+
+    return jax.jit(assemble)
+
+
+@pytest.mark.filterwarnings("ignore:implicitdiff.Sparse:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_dense_pattern_is_assembled_densely(monkeypatch, dtype):
+    """Half the columns or more in a row: no colouring; the values are those of
+    the Jacobian, and an entry outside a given pattern still gives NaN."""
+    monkeypatch.setattr(_representation, "column_colouring", None)  # never called
+    y = jnp.linspace(0.5, 1.5, 12, dtype=dtype)
+    expected = np.tril(np.full((12, 12), 0.01)) + np.eye(12)
+    data = _assembly(idf.Sparse("auto"), _running_sums, 12, dtype)(y)
+    np.testing.assert_allclose(data.reshape(12, 12), expected, rtol=1e-6)
+    lower = idf.Sparse(sp.csr_matrix(np.tril(np.ones((12, 12)))))
+    np.testing.assert_allclose(
+        _assembly(lower, _running_sums, 12, dtype)(y),
+        expected[np.tril_indices(12)],
+        rtol=1e-6,
+    )
+    missing = np.tril(np.ones((12, 12)))
+    missing[5, 2] = 0
+    wrong = idf.Sparse(sp.csr_matrix(missing))
+    assert jnp.all(jnp.isnan(_assembly(wrong, _running_sums, 12, dtype)(y)))
+
+
+@pytest.mark.filterwarnings("ignore:implicitdiff.Sparse:RuntimeWarning")
+def test_dense_fallback_costs_about_what_a_dense_matrix_does():
+    """4096 unknowns whose detection falls back to a dense pattern: trace, compile
+    and assembly within a small factor of `representation="matrix"` (colouring
+    such a pattern took minutes)."""
+    representations = {
+        "matrix": _representation_module.MatrixRepresentation(),
+        "sparse": idf.Sparse("auto"),
+    }
+    seconds = {}
+    for n in (64, 4096):  # the first round warms up
+        y = jnp.linspace(0.5, 1.5, n, dtype=jnp.float32)
+        for name, representation in representations.items():
+            start = time.perf_counter()
+            assembly = _assembly(representation, _running_sums, n, jnp.float32)
+            jax.block_until_ready(assembly(y))
+            seconds[name] = time.perf_counter() - start
+    assert seconds["sparse"] < 3 * seconds["matrix"] + 0.2, seconds

@@ -14,6 +14,7 @@ where every output element comes from. What it needs besides (gather indices, sl
 starts) must be a constant: see `_concrete_value`.
 """
 
+import contextlib
 import functools as ft
 import warnings
 from collections.abc import Callable
@@ -140,23 +141,82 @@ class _Scope:
 
 def _fold(var, eqns, source) -> np.ndarray | None:
     """Evaluates `var` from `eqns` if it depends only on sources with known values."""
-    needed, chain = {var}, []
-    for eqn in reversed(eqns):
-        if needed.intersection(eqn.outvars):
-            if eqn.effects:
-                return None
-            chain.append(eqn)
-            needed.difference_update(eqn.outvars)
-            needed.update(a for a in eqn.invars if not isinstance(a, Literal))
+    values = _fold_all([var], eqns, source)
+    return None if values is None else np.asarray(values[0])
+
+
+def _fold_all(targets, eqns, source) -> list | None:
+    """The values of `targets` (atoms of `eqns`), or None if one is not known.
+
+    Only what they need is evaluated: a call (`jit`, ...) whose other outputs depend
+    on unknowns, as the primal half of `jnp.take` or `jnp.convolve` that computes the
+    gather indices (a residual of the linearisation) next to the gathered values, is
+    sliced to the outputs needed, and evaluated equation by equation inside.
+    """
+    sliced = _slice(targets, eqns)
+    if sliced is None:
+        return None
+    chain, needed = sliced
     env = {}
     for v in needed:
         env[v] = source(v)
         if env[v] is None:
             return None
-    for eqn in reversed(chain):
-        args = [a.val if isinstance(a, Literal) else env[a] for a in eqn.invars]
-        env.update(zip(eqn.outvars, _evaluate(eqn, args), strict=True))
-    return np.asarray(env[var])
+    read = lambda a: a.val if isinstance(a, Literal) else env[a]  # noqa: E731
+    for eqn, wanted in chain:
+        if eqn.primitive.name in _CALLS:
+            jaxpr, consts = _inner(eqn)
+            inner_env = dict(zip(jaxpr.constvars, consts, strict=True))
+            for inner, outer in zip(jaxpr.invars, eqn.invars, strict=True):
+                if isinstance(outer, Literal) or outer in env:
+                    inner_env[inner] = read(outer)
+            outs = [jaxpr.outvars[i] for i in wanted]
+            values = _fold_all(outs, jaxpr.eqns, inner_env.get)
+            if values is None:
+                return None
+            env.update(zip([eqn.outvars[i] for i in wanted], values, strict=True))
+        else:
+            args = [read(a) for a in eqn.invars]
+            env.update(zip(eqn.outvars, _evaluate(eqn, args), strict=True))
+    return [read(a) for a in targets]
+
+
+def _slice(targets, eqns) -> tuple[list, set] | None:
+    """The equations that `targets` depend on, in order, each with the indices of
+    its outputs needed, and the variables they read that no equation computes; None
+    if an equation needed has effects."""
+    needed = {a for a in targets if not isinstance(a, Literal)}
+    chain = []
+    for eqn in reversed(eqns):
+        wanted = [i for i, v in enumerate(eqn.outvars) if v in needed]
+        if not wanted:
+            continue
+        if eqn.effects:
+            return None
+        inputs = _needed_inputs(eqn, wanted)
+        if inputs is None:
+            return None
+        chain.append((eqn, wanted))
+        needed.difference_update(eqn.outvars)
+        needed.update(a for a in inputs if not isinstance(a, Literal))
+    return chain[::-1], needed
+
+
+def _needed_inputs(eqn, wanted) -> list | None:
+    """The inputs of `eqn` that its outputs `wanted` depend on: all of them, except
+    for a call, whose body says."""
+    if eqn.primitive.name not in _CALLS:
+        return list(eqn.invars)
+    jaxpr, _ = _inner(eqn)
+    sliced = _slice([jaxpr.outvars[i] for i in wanted], jaxpr.eqns)
+    if sliced is None:
+        return None
+    needed = sliced[1]
+    return [
+        outer
+        for inner, outer in zip(jaxpr.invars, eqn.invars, strict=True)
+        if inner in needed
+    ]
 
 
 def _concrete_value(x) -> np.ndarray | None:
@@ -346,13 +406,24 @@ def _conservative(eqn, ins) -> list[Deps]:
     n_in = next(d for d in ins if d is not None).shape[1]
     every = sorted_unique(
         np.concatenate([_as_csr(d).indices for d in ins if d is not None])
+    ).astype(_index_dtype(n_in))
+    return [_repeated(every, _size(v.aval), n_in) for v in eqn.outvars]
+
+
+def _repeated(index_set: np.ndarray, n_rows: int, n_in: int) -> Deps:
+    """`n_rows` copies of one sorted index set."""
+    if index_set.size <= _WIDEST_TABLE:
+        return _Table(np.repeat(index_set[:, None], n_rows, axis=1), n_in)
+    nnz = n_rows * index_set.size
+    # One index dtype for both arrays, or SciPy converts the larger one to int64.
+    indptr = np.arange(0, nnz + 1, max(index_set.size, 1), dtype=_index_dtype(nnz))
+    index_set = index_set.astype(indptr.dtype)
+    matrix = sp.csr_array(
+        (np.ones(nnz, bool), np.tile(index_set, n_rows), indptr),
+        shape=(n_rows, n_in),
     )
-    row = sp.csr_array(
-        (np.ones(every.size, bool), every, [0, every.size]), shape=(1, n_in)
-    )
-    return [
-        _select(_narrowed(row), np.zeros(_size(v.aval), np.int64)) for v in eqn.outvars
-    ]
+    matrix.has_sorted_indices = True
+    return matrix
 
 
 def _elementwise(eqn, ins, scope) -> list[Deps]:
@@ -528,18 +599,90 @@ def _dot_pairs(shape, nonzero, contract, batch, side):
     return out, ids[b, t, c]
 
 
+def _conv(eqn, ins, scope) -> list[Deps]:
+    """`conv_general_dilated` (any number of spatial dimensions, strides, padding,
+    dilations, feature groups): each output element mixes the input elements under
+    the structural nonzeros of its window of the other operand (all of its entries
+    when that is not a known constant), as in `_dot_general`."""
+    if eqn.params["batch_group_count"] != 1:
+        raise NotImplementedError  # met only in the transposes of grouped convs
+    specs = eqn.params["dimension_numbers"]
+    # Element ids in canonical layouts: lhs (N, C, *S), rhs (O, I, *K), out (N, O, *P).
+    lhs, rhs, out = (
+        np.arange(_size(atom.aval)).reshape(atom.aval.shape).transpose(spec)
+        for atom, spec in zip(
+            (*eqn.invars, eqn.outvars[0]),
+            (specs.lhs_spec, specs.rhs_spec, specs.out_spec),
+            strict=True,
+        )
+    )
+    source = _window_sources(eqn.params, lhs.shape[2:], rhs.shape[2:], out.shape[2:])
+    lhs, rhs, out = (ids.reshape(ids.shape[:2] + (-1,)) for ids in (lhs, rhs, out))
+    per_group = rhs.shape[0] // eqn.params["feature_group_count"]
+    result = None
+    for side in (0, 1):
+        if ins[side] is None:
+            continue
+        masks = [np.ones(lhs.shape, bool), np.ones(rhs.shape, bool)]
+        if ins[1 - side] is None:
+            with contextlib.suppress(_NotConstant):
+                spec = (specs.lhs_spec, specs.rhs_spec)[1 - side]
+                nonzero = scope.value(eqn.invars[1 - side]) != 0
+                masks[1 - side] = nonzero.transpose(spec).reshape(masks[1 - side].shape)
+        # One term per stored kernel entry (output feature o, input feature i,
+        # window offset k), batch element n and output position p whose window
+        # offset k reads an element s of input feature c.
+        o, i, k = np.nonzero(masks[1])
+        c = o // per_group * rhs.shape[1] + i
+        reads = source[:, k].T >= 0
+        n, t, p = np.nonzero(np.broadcast_to(reads, (len(lhs),) + reads.shape))
+        o, i, k, c = o[t], i[t], k[t], c[t]
+        s = source[p, k]
+        kept = masks[0][n, c, s]
+        operand = lhs[n, c, s] if side == 0 else rhs[o, i, k]
+        pairs = out[n, o, p][kept], operand[kept]
+        result = _union(result, _combine(ins[side], *pairs, _size(eqn.outvars[0].aval)))
+    return [result]
+
+
+def _window_sources(params, spatial, window, out) -> np.ndarray:
+    """`sources[p, k]`: the flat spatial index of the input element that window offset
+    `k` of output position `p` reads, or −1 where it reads padding or a hole of the
+    input dilation."""
+    sources = np.zeros((1, 1), np.int64)
+    for axis, (n, m, p) in enumerate(zip(spatial, window, out, strict=True)):
+        dilation = params["lhs_dilation"][axis]
+        at = (
+            np.arange(p)[:, None] * params["window_strides"][axis]
+            + np.arange(m)[None, :] * params["rhs_dilation"][axis]
+            - params["padding"][axis][0]
+        )
+        inside = (at >= 0) & (at % dilation == 0) & (at // dilation < n)
+        along = np.where(inside, at // dilation, -1)[None, :, None, :]
+        before = sources[:, None, :, None]
+        sources = np.where(
+            (before >= 0) & (along >= 0), before * n + along, -1
+        ).reshape(sources.shape[0] * p, sources.shape[1] * m)
+    return sources
+
+
 def _call(eqn, ins, scope, fallbacks) -> list[Deps]:
-    inner = next(
-        eqn.params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in eqn.params
-    )
-    jaxpr, consts = (
-        (inner.jaxpr, inner.consts) if isinstance(inner, ClosedJaxpr) else (inner, ())
-    )
+    jaxpr, consts = _inner(eqn)
     sources = {
         var: ft.partial(_value_or_none, scope, atom)
         for var, atom in zip(jaxpr.invars, eqn.invars, strict=True)
     }
     return _propagate(jaxpr, consts, ins, sources, fallbacks)
+
+
+def _inner(eqn) -> tuple[Jaxpr, list]:
+    """The body of a call and its constants."""
+    inner = next(
+        eqn.params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in eqn.params
+    )
+    if isinstance(inner, ClosedJaxpr):
+        return inner.jaxpr, inner.consts
+    return inner, []
 
 
 def _value_or_none(scope, atom):
@@ -605,4 +748,5 @@ _RULES: dict[str, Callable] = {
         for name in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp")
     },
     "dot_general": _dot_general,
+    "conv_general_dilated": _conv,
 }

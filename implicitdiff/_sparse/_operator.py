@@ -50,13 +50,14 @@ class SparsityPattern:
         """From CSR arrays already sorted, without repeats (not checked)."""
         pattern = object.__new__(cls)
         rows = np.repeat(np.arange(shape[0], dtype=np.int32), np.diff(indptr))
-        pattern._set(rows, indices, np.asarray(indptr), tuple(shape))
+        pattern._set(rows, indices, np.asarray(indptr), tuple(shape), copy=False)
         return pattern
 
-    def _set(self, rows, cols, indptr, shape):
-        self.rows = rows.astype(np.int32)  # copies: the caller's arrays may change
-        self.cols = cols.astype(np.int32)
-        self.indptr = indptr.astype(np.int32)
+    def _set(self, rows, cols, indptr, shape, copy=True):
+        # Copies by default: the caller's arrays may change.
+        self.rows = rows.astype(np.int32, copy=copy)
+        self.cols = cols.astype(np.int32, copy=copy)
+        self.indptr = indptr.astype(np.int32, copy=copy)
         self.shape = shape
 
     @property

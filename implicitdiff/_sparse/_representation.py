@@ -6,6 +6,7 @@ from typing import Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import PyTree
 
 from .._misc import max_or_nan, nan_unless, pseudo_random_probe, ravel, size, unravel
@@ -49,14 +50,19 @@ class Sparse(AbstractRepresentation):
     set, even a constant zero), `convert_element_type`, `copy`, `reshape`, `squeeze`,
     `broadcast_in_dim`, `transpose`, `rev`, `slice`, `split`, `pad`, `concatenate`,
     `select_n`, `dynamic_slice`, `dynamic_update_slice`, `gather` and `scatter-add`
-    (`x[idx]`, `x.at[idx].add(...)`; `.at[].set` keeps the overwritten elements) with
-    constant indices, `dot_general` with a constant operand (its structural nonzeros,
-    or all of its entries when it is not a constant), `reduce_sum`/`max`/`min`,
+    (`x[idx]`, `jnp.take`, `x.at[idx].add(...)`; `.at[].set` keeps the overwritten
+    elements) with constant indices, `dot_general` and `conv_general_dilated`
+    (`jnp.convolve`; strides, padding, dilations, feature groups) with a constant
+    operand (its structural nonzeros, or all of its entries when it is not a
+    constant), `reduce_sum`/`max`/`min`,
     `cumsum` and friends, and inside `jit`, `closed_call`, `custom_jvp_call`,
     `custom_vjp_call` and `checkpoint`. Index arrays computed from NumPy constants
     count as constants, also under `jit`. Anything else (`scan`, `while`, `cond`,
     `sort`, ...) is conservative, every output element of it depending on every one
-    of its inputs, with a warning: correct, with more colours.
+    of its inputs, with a warning: correct, with more colours. A pattern with a row
+    holding half the columns or more is not coloured (every colouring would have
+    that many colours): it is assembled as `representation="matrix"` does, one JVP
+    per column.
 
     **Verification.** Each assembled matrix is checked at run time against one more
     JVP, in a fixed pseudo-random direction `r`: unless every row `i` agrees,
@@ -64,7 +70,8 @@ class Sparse(AbstractRepresentation):
     dtype, so `√ε` is about 1e-8 in float64 and 3e-4 in float32), every stored value
     is NaN, so that the
     linear solve, and the derivative, is NaN rather than silently wrong. This catches
-    a user pattern that misses entries. The check costs one more JVP.
+    a user pattern that misses entries. The check costs one more JVP. (A dense
+    assembly knows the entries outside the pattern: they must be zero.)
 
     **Cost.** The pattern is detected once per trace, the operator assembled once
     per linearisation point for both the JVP and the VJP direction. At 10⁶ unknowns (a
@@ -141,13 +148,48 @@ _MOST_UNBATCHED_COLOURS = 32
 
 
 def _assemble(linear_fn, in_structure, out_structure, pattern) -> SparseLinearOperator:
-    """One JVP per colour, plus one in a pseudo-random direction that checks it."""
-    colouring = column_colouring(pattern)
+    """The stored values of `∂c/∂y`, checked (NaN unless right)."""
     flat_in = jax.eval_shape(ravel, in_structure)
 
     def flat_fn(v):
         return ravel(linear_fn(unravel(v, in_structure)))
 
+    assemble = _assemble_dense if _dense(pattern) else _assemble_coloured
+    rows, cols = device_indices(pattern.rows), device_indices(pattern.cols)
+    data, ok = assemble(flat_fn, flat_in, pattern, rows, cols)
+    return SparseLinearOperator(
+        nan_unless(ok, data),
+        pattern,
+        in_structure,
+        out_structure,
+        _indices=(rows, cols),
+    )
+
+
+def _dense(pattern: SparsityPattern) -> bool:
+    """Whether a row holds half the columns or more: then every colouring has at
+    least half as many colours as columns, and one JVP per column, as a dense
+    Jacobian takes, costs less than forming the column intersection graph to colour
+    (about n³/8 operations for n columns)."""
+    longest = np.max(np.diff(pattern.indptr), initial=0)
+    return 2 * longest >= pattern.shape[1] > 0
+
+
+def _assemble_dense(flat_fn, flat_in, pattern, rows, cols):
+    """One JVP per column (a batched `jacfwd`), as `representation="matrix"` does.
+    The entries outside the pattern are known: the check is that they are zero."""
+    n_rows, n_cols = pattern.shape
+    matrix = jax.vmap(flat_fn, out_axes=1)(jnp.eye(n_cols, dtype=flat_in.dtype))
+    if pattern.nnz == n_rows * n_cols:  # CSR order of a full pattern is C order
+        return matrix.reshape(-1), jnp.array(True)
+    data = matrix.at[rows, cols].get(mode="promise_in_bounds")
+    outside = matrix.at[rows, cols].set(0, mode="promise_in_bounds")
+    return data, jnp.all(outside == 0)
+
+
+def _assemble_coloured(flat_fn, flat_in, pattern, rows, cols):
+    """One JVP per colour, plus one in a pseudo-random direction that checks it."""
+    colouring = column_colouring(pattern)
     colours = device_indices(colouring.colours)
     dtype = flat_in.dtype
 
@@ -161,16 +203,12 @@ def _assemble(linear_fn, in_structure, out_structure, pattern) -> SparseLinearOp
     probe = pseudo_random_probe(flat_in.shape[0], dtype)
     # Entry (i, j) is row i of the product for j's colour: no other column of that
     # colour has an entry in row i.
-    rows, cols = device_indices(pattern.rows), device_indices(pattern.cols)
     n_rows = pattern.shape[0]
     index_dtype = jnp.int32 if colouring.n_colours * n_rows < 2**31 else jnp.int64
     where = take(colours, cols).astype(index_dtype) * n_rows + rows
     data = take(products.reshape(-1), where)
-    operator = SparseLinearOperator(
-        data, pattern, in_structure, out_structure, _indices=(rows, cols)
-    )
-    ok = _agrees(operator, probe, flat_fn(probe))
-    return eqx.tree_at(lambda o: o.data, operator, nan_unless(ok, data))
+    operator = SparseLinearOperator(data, pattern, _indices=(rows, cols))
+    return data, _agrees(operator, probe, flat_fn(probe))
 
 
 def _agrees(operator: SparseLinearOperator, probe, expected) -> jax.Array:
