@@ -28,10 +28,18 @@ def unravel(flat: Array, like: PyTree[jax.ShapeDtypeStruct]) -> PyTree[Array]:
     return jax.tree.unflatten(
         treedef,
         [
-            p.reshape(leaf.shape).astype(leaf.dtype)
+            _cast(p.reshape(leaf.shape), leaf.dtype)
             for p, leaf in zip(pieces, leaves, strict=True)
         ],
     )
+
+
+def _cast(x: Array, dtype) -> Array:
+    """`x` as `dtype`; a real leaf of a pytree solved as one complex vector takes the
+    real part (casting complex to real is deprecated in JAX)."""
+    if jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        x = jnp.real(x)
+    return x.astype(dtype)
 
 
 def size(tree: PyTree) -> int:

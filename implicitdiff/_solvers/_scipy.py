@@ -72,9 +72,10 @@ class SciPy(AbstractLinearSolver):
     the factor) and refuses above `1/(√n·ε)`; a matrix whose one step of the power
     method on `A⁻ᴴA⁻¹` (two solves) already puts it far below that is accepted
     without them. Reading that flag back costs one callback and no solve.
-    `"spsolve"`, which keeps no factor, and the iterative
-    methods use the default certificate: one more solve per linearisation point, for
-    a pseudo-random right-hand side (for `"spsolve"`, one more factorisation).
+    `"spsolve"`, which keeps no factor, gets the same certificate from one SuperLU
+    factorisation in `presolve`, dropped afterwards. The iterative methods use the
+    default certificate: one more solve per linearisation point, for a pseudo-random
+    right-hand side.
 
     !!! Example
 
@@ -148,7 +149,7 @@ class SciPy(AbstractLinearSolver):
         return host_solve(method, host_state, b)
 
     def certify(self, state, A):
-        if self.method != "splu":
+        if self.method not in DIRECT_METHODS:
             return super().certify(state, A)
         method, host_state = state
         return host_certify(method, host_state, A)
@@ -175,7 +176,17 @@ def _prepare_direct(method, options, csr):
         solve = lu.solve if regular else _all_nan
         return (solve, norm_A, regular), int(lu.nnz) * (csr.dtype.itemsize + 4)
     csc = csr.tocsc()  # what spsolve factorises, converted once
-    return (ft.partial(sla.spsolve, csc, **options), norm_A), csr_nbytes(csc)
+    # spsolve keeps no factor and estimates no condition number: one SuperLU
+    # factorisation, dropped after the estimate, certifies A. (A probe solve proves
+    # nothing here: at σ_min ≈ 1e-17 spsolve can return a finite solution that
+    # passes every residual test.)
+    regular = _well_conditioned(sla.splu(csc, **_splu_options(options)), csr)
+    solve = ft.partial(sla.spsolve, csc, **options) if regular else _all_nan
+    return (solve, norm_A, regular), csr_nbytes(csc)
+
+
+def _splu_options(spsolve_options: dict) -> dict:
+    return {k: v for k, v in spsolve_options.items() if k == "permc_spec"}
 
 
 def _well_conditioned(lu, csr) -> bool:

@@ -1,0 +1,110 @@
+"""`Auto` on a diagonal `∂c/∂y` (elementwise conditions): found by structure, solved
+by division with the exact condition number; the promise holds (NaN and a warning on
+a singular or numerically singular diagonal), and a non-diagonal Jacobian never takes
+this path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import implicitdiff as idf
+from implicitdiff._solvers._diagonal import is_diagonal
+
+
+def sqrt_fn():
+    return idf.ImplicitFunction(
+        lambda x: jnp.sqrt(x), lambda x, y: y**2 - x, check_conditions=None
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("n", [1, 10, 100_000])
+def test_elementwise_derivatives_match_the_closed_form(dtype, n):
+    x = jnp.linspace(0.5, 4.0, n, dtype=dtype)
+    f = sqrt_fn()
+    expected = 0.5 / np.sqrt(np.asarray(x, np.float64))
+    rtol = 1e-5 if dtype == jnp.float32 else 1e-12
+    grad = jax.jit(jax.grad(lambda x: f(x).sum()))(x)
+    _, tangent = jax.jvp(f, (x,), (jnp.ones_like(x),))
+    np.testing.assert_allclose(grad, expected, rtol=rtol)
+    np.testing.assert_allclose(tangent, expected, rtol=rtol)
+    assert grad.dtype == dtype
+    if n == 10:
+        np.testing.assert_allclose(jax.jacfwd(f)(x), np.diag(expected), rtol=rtol)
+        np.testing.assert_allclose(jax.jacrev(f)(x), np.diag(expected), rtol=rtol)
+
+
+def test_pytree_complex_and_vmap():
+    def conditions(x, y):
+        return {"a": y["a"] * 3.0 - x["a"], "b": (2.0 + 1j) * y["b"] - x["b"]}
+
+    def forward(x):
+        return {"a": x["a"] / 3.0, "b": x["b"] / (2.0 + 1j)}
+
+    f = idf.ImplicitFunction(forward, conditions)
+    x = {"a": jnp.arange(1.0, 4.0), "b": jnp.ones(2, jnp.complex128)}
+    _, tangent = jax.jvp(f, (x,), (x,))
+    np.testing.assert_allclose(tangent["a"], x["a"] / 3.0, rtol=1e-12)
+    np.testing.assert_allclose(tangent["b"], x["b"] / (2.0 + 1j), rtol=1e-12)
+    batched = jax.vmap(jax.grad(lambda s: sqrt_fn()(s * jnp.ones(3)).sum()))
+    s = jnp.array([1.0, 4.0, 9.0])
+    np.testing.assert_allclose(batched(s), 3 * 0.5 / np.sqrt(s), rtol=1e-12)
+
+
+@pytest.mark.parametrize("n", [10, 100_000])
+@pytest.mark.parametrize("smallest", [0.0, 1e-17])
+def test_singular_diagonal_is_nan_and_warns_in_both_directions(n, smallest):
+    d = jnp.ones(n).at[n // 2].set(smallest)
+    f = idf.ImplicitFunction(
+        lambda x: x, lambda x, y: d * y - d * x, check_conditions=None
+    )
+    x = jnp.ones(n)
+    with pytest.warns(RuntimeWarning, match="did not solve"):
+        grad = jax.grad(lambda x: f(x).sum())(x)
+    with pytest.warns(RuntimeWarning, match="did not solve"):
+        _, tangent = jax.jvp(f, (x,), (x,))
+    assert np.isnan(grad).all() and np.isnan(tangent).all()
+
+
+def test_structure_decides_never_values():
+    """A coupled Jacobian stays with `Direct`, even where the coupling is zero at this
+    point or cancels on a probe of ones; a diagonal one is found under jit and vmap."""
+
+    def coupled(x, y):  # ∂c/∂y = [[1, a], [a, 1]]: diagonal only when a = 0
+        return y + x[0] * jnp.flip(y) - x
+
+    f = idf.ImplicitFunction(
+        lambda x: jnp.linalg.solve(jnp.eye(2) + x[0] * jnp.flip(jnp.eye(2), 0), x),
+        coupled,
+    )
+    x = jnp.array([0.0, 1.0])
+    reference = jax.jacfwd(
+        lambda x: jnp.linalg.solve(jnp.eye(2) + x[0] * jnp.flip(jnp.eye(2), 0), x)
+    )(x)
+    np.testing.assert_allclose(jax.jacrev(f)(x), reference, atol=1e-12)
+    x = jnp.array([0.5, 1.0])
+    reference = jax.jacfwd(
+        lambda x: jnp.linalg.solve(jnp.eye(2) + x[0] * jnp.flip(jnp.eye(2), 0), x)
+    )(x)
+    np.testing.assert_allclose(jax.jacfwd(f)(x), reference, atol=1e-12)
+
+
+def test_is_diagonal_by_structure():
+    import lineax as lx
+
+    s = jax.ShapeDtypeStruct((4,), jnp.float64)
+    d = jnp.array([1.0, 0.0, 2.0, 3.0])
+    assert is_diagonal(lx.FunctionLinearOperator(lambda v: d * v, s))
+    assert not is_diagonal(lx.FunctionLinearOperator(lambda v: v + 2.0 * v[0], s))
+    assert not is_diagonal(lx.FunctionLinearOperator(lambda v: jnp.cumsum(v), s))
+    # A constant matrix's zeros are structural; a traced one's values are unknown.
+    assert is_diagonal(lx.MatrixLinearOperator(jnp.diag(d)))
+    found = []
+
+    def traced(m):
+        found.append(is_diagonal(lx.MatrixLinearOperator(m)))
+        return m
+
+    jax.jit(traced)(jnp.diag(d))
+    assert found == [False]
