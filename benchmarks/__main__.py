@@ -23,6 +23,7 @@ SUITES = (
     "overhead_small",
     "batched",
     "optimisers",
+    "first_call",
 )
 
 

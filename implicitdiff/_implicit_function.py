@@ -383,12 +383,12 @@ ImplicitFunction.__init__.__doc__ = """**Arguments:**
     `JaxRuntimeError`; on every device of a sharded program). A program exported with
     `jax.export` needs `"nan"`: JAX cannot serialise the host callback of the others.
     When nothing fails the check is one
-    branch on a flag, but `"warn"` and `"raise"` put a host callback in the compiled
-    program, and JAX (0.10) then skips its fast C++ dispatch: about 20 µs more per
-    call of the outermost `jit`. Negligible for a training step. For a jitted function
-    that runs in microseconds on CPU, time `"nan"` too: it keeps the fast dispatch,
-    but XLA then runs any program it estimates above 1000 flops on a worker thread (a
-    thread switch per call), and which costs more depends on the machine.
+    branch on a flag (about 1 µs per call); `"warn"` and `"raise"` put a host
+    callback in that branch. `jax.jit` keeps its fast C++ dispatch with it, but in
+    JAX 0.10 an ahead-of-time compiled function
+    (`jax.jit(f).lower(x).compile()`) holding a host callback loses it: about 50 µs
+    more per call of that object. For microsecond functions called that way, use
+    `"nan"`.
 - `check_conditions`: a tolerance (default `1e-3`), or `None` to turn the check off.
     The forward's output is checked on every call: if `‖c(x, y)‖ > tol·(1 + ‖y‖)`
     (2-norms over all leaves) the forward did not solve the conditions (it stopped
