@@ -117,8 +117,20 @@ def apply_policy(
         branch = _warn(message, site) if policy == "warn" else _raise(message)
         any_failed = eqxi.unvmap_any(failed)
         flag = lax.cond(any_failed, branch, lambda f: f, any_failed)
-        failed = failed & flag
+        # The callback is pure: XLA removes it when the result does not depend on
+        # its output, as when constant folding finds that `x` is NaN anyway. Adding
+        # `0·flag` (which XLA does not fold for floats) keeps it.
+        return jax.tree.map(
+            lambda leaf: (
+                jnp.where(failed & flag, jnp.nan, leaf) + _zero_from(flag, leaf.dtype)
+            ),
+            x,
+        )
     return jax.tree.map(lambda leaf: jnp.where(failed, jnp.nan, leaf), x)
+
+
+def _zero_from(flag: Bool[Array, ""], dtype) -> Array:
+    return flag.astype(dtype) * jnp.zeros((), dtype)
 
 
 def _warn(message: str, site: CallSite):

@@ -3,6 +3,7 @@
 import functools as ft
 import itertools
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -98,7 +99,19 @@ def host(
         raise_on_every_device(_ERRORS.raise_if_any, token, error=HostFunctionError)
         return outputs
 
+    _HOST_FUNCTIONS.add(wrapped)
     return wrapped
+
+
+_HOST_FUNCTIONS = weakref.WeakSet()
+
+
+def is_host_function(fn) -> bool:
+    """Whether `fn` was made by `host`."""
+    try:
+        return fn in _HOST_FUNCTIONS
+    except TypeError:  # not weakly referenceable, so not ours
+        return False
 
 
 def _result_structure(result_shape, args, kwargs):

@@ -27,6 +27,7 @@ from jax.custom_derivatives import SymbolicZero
 from jaxtyping import PyTree
 
 from ._failure import ON_FAILURE_CHOICES, CallSite, OnFailure, apply_policy
+from ._host import is_host_function
 from ._misc import all_finite, is_inexact_array, ravel, structure, tree_norm, unravel
 from ._representation import AbstractRepresentation, as_representation
 from ._solve import solve_linearised
@@ -35,6 +36,7 @@ from ._solvers._base import AbstractLinearSolver
 from ._solvers._least_squares import LeastSquares
 from ._solvers._preconditioner import AbstractPreconditioner
 from ._user_code import (
+    UNTRACEABLE,
     call_forward,
     check_conditions_output,
     hoist_closed_over_tracers,
@@ -52,7 +54,13 @@ class ImplicitFunction(eqx.Module):
     """A function `x ↦ y` defined by conditions `c(x, y) = 0`, differentiated by the
     implicit function theorem.
 
-    Calling it runs `forward`. Differentiating it never differentiates `forward`:
+    Calling it runs `forward`. Outside `jax.jit` it compiles itself as `jax.jit`
+    would (cached per function, call site and input shapes, so Python values the
+    functions close over are read when first traced): a later call, or derivative,
+    costs what a jitted one does. A forward that cannot be traced (NumPy, Python
+    branches on values), one made by [`implicitdiff.host`][], and
+    `on_failure="raise"` run eagerly instead, so that their errors come out as
+    themselves. Differentiating it never differentiates `forward`:
     with `A = ∂c/∂y` and `B = ∂c/∂x` at the forward's output, a JVP solves
     `A ẏ = −B ẋ` and a VJP solves `Aᵀ u = v` and returns `−Bᵀ u`, both with
     `linear_solver`. Every JAX transform works and composes: `jax.jvp`, `jax.jacfwd`,
@@ -152,6 +160,16 @@ class ImplicitFunction(eqx.Module):
         `y`, or `(y, z)` when `has_byproduct=True`.
         """
         site = CallSite.of_caller()
+        # Eagerly, the errors of on_failure="raise" and of a host forward come out as
+        # themselves, not inside a JaxRuntimeError; a host forward runs eagerly anyway.
+        if self.on_failure == "raise" or is_host_function(self.forward):
+            return self._call(site, x, args, kwargs)
+        try:
+            return _compiled_call(self, site, x, args, kwargs)
+        except UNTRACEABLE:  # a NumPy forward, say: it runs eagerly, as before
+            return self._call(site, x, args, kwargs)
+
+    def _call(self, site: CallSite, x, args, kwargs):
         forward, conditions = hoist_closed_over_tracers(
             self.forward,
             self.conditions,
@@ -284,6 +302,16 @@ class ImplicitFunction(eqx.Module):
         if ignored:
             names = input_names(moving)
             warn_ignored_inputs([names[i] for i in ignored], self.conditions, site)
+
+
+@eqx.filter_jit
+def _compiled_call(implicit: ImplicitFunction, site: CallSite, x, args, kwargs):
+    """`implicit._call`, compiled and cached (per function, call site, input
+    structures and shapes), as `jax.jit` does: outside `jit`, a call (and its
+    derivatives) would otherwise re-trace the rule and run it op by op, 10× slower
+    than jaxopt after the first call, and a first call 2-3× slower. Inside `jit` it
+    is one nested call."""
+    return implicit._call(site, x, args, kwargs)
 
 
 def _linearise(fn: Callable, y) -> Callable:

@@ -24,6 +24,14 @@ _TRACER_ERRORS = (
 )
 
 
+class UntraceableError(TypeError):
+    """User code that cannot run on traced values (NumPy, or Python branches on
+    array values)."""
+
+
+UNTRACEABLE = (UntraceableError, *_TRACER_ERRORS)
+
+
 class Precomputed(eqx.Module):
     """A forward already run on concrete inputs: returns its output. Its arrays are
     held by the forward, so they get zero derivative, as any forward's do."""
@@ -57,8 +65,8 @@ def call_forward(forward: Callable, x, args, kwargs):
         raise
 
 
-def _untraceable_forward_error(forward) -> TypeError:
-    return TypeError(
+def _untraceable_forward_error(forward) -> UntraceableError:
+    return UntraceableError(
         f"ImplicitFunction: the forward {name_of(forward)} cannot run on traced values "
         "(it converts its inputs to NumPy, or branches on them in Python), and its "
         "inputs are traced here (under jax.jit, jax.vmap, or a derivative with respect "

@@ -49,7 +49,7 @@ SOLVERS = {
 # No shrinking: every example compiles, so shrinking a failure would take minutes; the
 # failing example is reported as drawn.
 FAST = settings(
-    max_examples=15,
+    max_examples=8,
     deadline=None,
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )

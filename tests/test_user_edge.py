@@ -285,3 +285,33 @@ def test_dir_lists_only_public_names():
     )
     assert {"ImplicitFunction", "Direct", "SolveLog", "linear_solve"} <= set(names)
     assert all(hasattr(idf, name) for name in idf.__all__)
+
+
+def test_eager_calls_compile_once_and_untraceable_forwards_still_run_eagerly():
+    """Outside `jit` the rule is compiled and cached, like `jax.jit`: a later eager
+    derivative neither re-traces the conditions nor runs them op by op. A forward that
+    cannot be traced (Python control flow on values, NumPy) still runs eagerly."""
+    traced = []
+
+    def conditions(x, y):
+        traced.append(1)
+        return y**2 - x
+
+    f = idf.ImplicitFunction(jnp.sqrt, conditions)
+    x = jnp.array([1.0, 4.0, 9.0])
+    expected = np.diag(0.5 / np.sqrt(np.asarray(x)))
+    counts = []
+    for _ in range(4):  # one call site: compiled per call site, for its warnings
+        np.testing.assert_allclose(jax.jacobian(f)(x), expected, rtol=1e-12)
+        counts.append(len(traced))
+    assert counts[0] > 0 and counts == counts[:1] * 4
+
+    def branching_forward(x):  # Python control flow on the values
+        y = np.sqrt(np.asarray(x))
+        return jnp.asarray(y if float(y.sum()) > 0 else -y)
+
+    g = idf.ImplicitFunction(branching_forward, lambda x, y: y**2 - x)
+    np.testing.assert_allclose(jax.jacobian(g)(x), expected, rtol=1e-12)
+    np.testing.assert_allclose(
+        jax.grad(lambda x: g(x).sum())(x), np.diag(expected), rtol=1e-12
+    )
