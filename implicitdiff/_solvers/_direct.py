@@ -44,7 +44,8 @@ class Direct(AbstractLinearSolver):
     def solve(self, state, b):
         lu_and_pivots, regular, x_structure = state
         report_solve(status="singular")
-        x = jsl.lu_solve(lu_and_pivots, ravel(b).astype(lu_and_pivots[0].dtype))
+        rhs = ravel(b).astype(lu_and_pivots[0].dtype)
+        x = jsl.lu_solve(lu_and_pivots, _batched_like_factors(rhs, lu_and_pivots))
         return unravel(nan_unless(regular, x), x_structure)
 
     def certify(self, state, A):
@@ -58,15 +59,10 @@ def _condition_estimate(
     κ₁(Mᵀ)). NaN or inf when the matrix or its factors are not finite."""
     n = matrix.shape[0]
 
-    # The estimator's vectors are constants; made to depend on the factors, they are
-    # batched and sharded like them under `vmap`, as the row permutation (a gather
-    # by batched pivots) needs with explicitly sharded batches.
-    # (`zeros_like` would not do: it is not batched. A non-finite factor makes the
-    # estimate NaN, and a matrix with a non-finite factor is refused anyway.)
-    like_factors = 0 * lu_and_pivots[0][:, :1]
-
     def solve(trans):  # trans=2: with Mᴴ (Mᵀ for a real M)
-        return lambda v: jsl.lu_solve(lu_and_pivots, v + like_factors, trans=trans)
+        return lambda v: jsl.lu_solve(
+            lu_and_pivots, _batched_like_factors(v, lu_and_pivots), trans=trans
+        )
 
     inverse_1, inverse_inf = inverse_norm1_estimates(  # ‖M⁻¹‖∞ = ‖M⁻ᴴ‖₁
         solve(0), solve(2), n, matrix.dtype
@@ -75,6 +71,17 @@ def _condition_estimate(
     norm_1 = max_or_nan(jnp.sum(magnitude, axis=0))
     norm_inf = max_or_nan(jnp.sum(magnitude, axis=1))
     return jnp.maximum(norm_1 * inverse_1, norm_inf * inverse_inf)
+
+
+def _batched_like_factors(v: Inexact[Array, "n ..."], lu_and_pivots) -> Array:
+    """`v`, made to depend on the factors so that under `vmap` it is batched and
+    sharded like them. With explicitly sharded batches, `lu_solve`'s row permutation
+    (a gather by batched pivots) of a right-hand side that is not batched (the
+    estimator's constant vectors, `jacrev`'s basis vectors) has no sharding JAX can
+    infer, and tracing fails. (`zeros_like` would not do: it is not batched. A
+    non-finite factor makes the result NaN; such a matrix is refused anyway.)"""
+    zeros = 0 * lu_and_pivots[0][:, 0]
+    return v + zeros.reshape(zeros.shape + (1,) * (v.ndim - 1))
 
 
 Direct.__init__.__doc__ = """**Arguments:** none."""
