@@ -9,11 +9,9 @@ PORT="${1:-47311}"
 OUT="${2:-distributed-results}"
 PYTHON="${PYTHON:-python}"
 
-# --8<-- [start:launch]
 $PYTHON tests/distributed_script.py --coordinator "localhost:$PORT" --processes 2 \
     --process-id 0 --out "$OUT" &
 first=$!
 $PYTHON tests/distributed_script.py --coordinator "localhost:$PORT" --processes 2 \
     --process-id 1 --out "$OUT"
 wait "$first"
-# --8<-- [end:launch]
