@@ -164,7 +164,7 @@ def test_outputs_stay_sharded_across_the_processes(summary, name):
 @pytest.mark.parametrize("name", PROGRAMS)
 def test_nothing_vector_sized_moves_between_devices(summary, name):
     # All-reduces of dot products (and of the 6 Gram–Schmidt coefficients of
-    # GMRES(restart=5)) and halo exchanges (collective-permutes of a row) are
+    # GMRES(restart=5)) and halo exchanges (collective-permutes of a few rows) are
     # expected; anything as large as one device's block of an input is a gather.
     block = inputs()[name][0].size // DEVICES
     for collectives in summary[name]["collectives"]:
