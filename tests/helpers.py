@@ -1,4 +1,9 @@
-"""Test problems with analytic derivatives, and reference differentiation helpers."""
+"""Test problems with analytic derivatives, reference differentiation helpers, and
+running a subprocess once per test session."""
+
+import fcntl
+import os
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -87,3 +92,20 @@ def central_difference_jacobian(f, x, eps=1e-6):
         e = jnp.zeros_like(flat).at[i].set(eps).reshape(x.shape)
         columns.append(((f(x + e) - f(x - e)) / (2 * eps)).ravel())
     return jnp.stack(columns, axis=-1)
+
+
+def once_per_session(tmp_path_factory, name: str, produce: Callable[[], str]) -> str:
+    """What `produce()` returns, computed once per test session and stored as `name`.
+
+    Under pytest-xdist every worker would compute it: the first worker to get here
+    does and the others read its result (the workers of one session share the parent
+    of their temporary directories)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    output = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not output.exists():
+            output.write_text(produce())
+    return output.read_text()

@@ -5,7 +5,6 @@ JAX fixes its device count when it starts, so the sharded runs happen in a subpr
 (tests/sharding_script.py) with four CPU devices; this module checks what it reports.
 """
 
-import fcntl
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from helpers import once_per_session
 
 jax.config.update("jax_enable_x64", True)
 
@@ -26,18 +26,7 @@ DEVICES = 4
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    # Under pytest-xdist each worker would run the script: the first worker to get
-    # here runs it and the others read its output (the workers of one session share
-    # the parent of their temporary directories).
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent
-    output = shared / "sharding_report.json"
-    with open(shared / "sharding_report.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not output.exists():
-            output.write_text(run_script())
-    return json.loads(output.read_text())
+    return json.loads(once_per_session(tmp_path_factory, "sharding.json", run_script))
 
 
 def run_script(script: Path = SCRIPT, timeout: int = 600) -> str:

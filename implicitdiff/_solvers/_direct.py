@@ -51,7 +51,8 @@ class Direct(AbstractLinearSolver):
     def solve(self, state, b):
         lu_and_pivots, regular, x_structure = state
         report_solve(status="singular")
-        x = jsl.lu_solve(lu_and_pivots, ravel(b).astype(lu_and_pivots[0].dtype))
+        rhs = ravel(b).astype(lu_and_pivots[0].dtype)
+        x = jsl.lu_solve(lu_and_pivots, _batched_like_factors(rhs, lu_and_pivots))
         return unravel(nan_unless(regular, x), x_structure)
 
     def certify(self, state, A):
@@ -65,15 +66,11 @@ def _condition_estimate(
     invariant under transposition (κ∞(M) is κ₁(Mᵀ)). NaN or inf when the matrix or
     its factors are not finite."""
     n, dtype = matrix.shape[0], matrix.dtype
-    # Constant right-hand sides, made to depend on the factors: so they are batched
-    # and sharded like them under `vmap`, as the row permutation (a gather by batched
-    # pivots) needs with explicitly sharded batches. (`zeros_like` would not do: it is
-    # not batched. A non-finite factor makes κ NaN, and such a matrix is refused
-    # anyway.)
-    like_factors = 0 * lu_and_pivots[0][:, :1]
 
     def solve(trans):  # trans=2: with Mᴴ (Mᵀ for a real M)
-        return lambda v: jsl.lu_solve(lu_and_pivots, v + like_factors, trans=trans)
+        return lambda v: jsl.lu_solve(
+            lu_and_pivots, _batched_like_factors(v, lu_and_pivots), trans=trans
+        )
 
     if n <= _EXPLICIT_INVERSE_MAX:
         inverse_1, inverse_inf = _norms_1_and_inf(solve(0)(jnp.eye(n, dtype=dtype)))
@@ -86,6 +83,17 @@ def _condition_estimate(
 def _norms_1_and_inf(matrix: Inexact[Array, "n n"]) -> tuple[Array, Array]:
     magnitude = jnp.abs(matrix)
     return max_or_nan(jnp.sum(magnitude, axis=0)), max_or_nan(jnp.sum(magnitude, 1))
+
+
+def _batched_like_factors(v: Inexact[Array, "n ..."], lu_and_pivots) -> Array:
+    """`v`, made to depend on the factors so that under `vmap` it is batched and
+    sharded like them. With explicitly sharded batches, `lu_solve`'s row permutation
+    (a gather by batched pivots) of a right-hand side that is not batched (the
+    estimator's constant vectors, `jacrev`'s basis vectors) has no sharding JAX can
+    infer, and tracing fails. (`zeros_like` would not do: it is not batched. A
+    non-finite factor makes the result NaN; such a matrix is refused anyway.)"""
+    zeros = 0 * lu_and_pivots[0][:, 0]
+    return v + zeros.reshape(zeros.shape + (1,) * (v.ndim - 1))
 
 
 Direct.__init__.__doc__ = """**Arguments:** none."""
