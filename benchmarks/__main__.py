@@ -15,6 +15,12 @@ import traceback
 # n = 250 then takes 100× longer, at random. One BLAS thread keeps the timings
 # stable; XLA's own kernels still use every core. Set the variable to override.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# jaxlib 0.10.0-0.10.2 can deadlock in batched LU (a `vmap` of `Direct`, as in
+# `fixed_point_memory`): the full run hung there. XLA's older CPU scheduler avoids it
+# (see "Known problems" in benchmarks/README.md).
+_NO_LU_DEADLOCK = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+if _NO_LU_DEADLOCK not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_NO_LU_DEADLOCK}"
 
 SUITES = (
     "dense_jacobian",

@@ -20,7 +20,8 @@ imports JAX and the library, builds the function, and times: the first eager cal
 median of 5 later eager calls (`time_s` in the eager rows), `jax.jit(...).lower().
 compile()` (`compile_s`), and the jitted per-call time (a pipelined loop, as in
 `overhead_small`). Processes of the different methods alternate, round after round
-(3 rounds, 1 in `--quick`); medians over rounds. Ratios are to jaxopt's figure of the
+(3 rounds; `--quick`: one round of the README case, implicitdiff and jaxopt only);
+medians over rounds. Ratios are to jaxopt's figure of the
 same run, and for the jitted per-call time also to plain JAX's (the hand-written
 derivative).
 """
@@ -129,6 +130,8 @@ def run(quick: bool) -> list[dict]:
         print(f"  [{SUITE}] skipping {name}: {why}")
     rounds = 1 if quick else 3
     cases = CASES[:1] if quick else CASES
+    if quick:  # checks that each side runs: the peers' adapters are in overhead_small
+        methods = [m for m in methods if m in ("implicitdiff", "jaxopt")]
     samples = {(c, m): [] for c in cases for m in methods}
     for _ in range(rounds):
         for case in cases:

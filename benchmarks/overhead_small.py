@@ -13,8 +13,9 @@ Problems (float64):
 Every method runs the same forward. implicitdiff runs with its defaults (linear
 solver `Auto` → `Direct`, `on_failure="warn"`); jaxopt's `custom_root` with its
 default `solve_normal_cg`; optimistix `root_find` with its default `ImplicitAdjoint()`.
-Diagnostic rows: the forward alone, and implicitdiff with `on_failure="nan"` (no
-failure check) to show what the default policy costs. Ratios are against the
+Diagnostic rows: the forward alone, implicitdiff with `on_failure="nan"` (no
+callback behind the failure checks) and with `check_conditions=None` (no check of the
+forward's output), to show what each default costs. Ratios are against the
 hand-written derivative, times interleaved in the same run. Each sample is a
 pipelined loop of calls (throughput per call, dispatch included), as a training loop
 of small jitted calls runs; waiting for each call would add a thread wake-up of tens
@@ -139,6 +140,11 @@ class Problem:
             DEFAULT: self.grad_of(idf.ImplicitFunction(self.forward, self.conditions)),
             "implicitdiff on_failure='nan' (diagnostic)": self.grad_of(
                 idf.ImplicitFunction(self.forward, self.conditions, on_failure="nan")
+            ),
+            "implicitdiff check_conditions=None (diagnostic)": self.grad_of(
+                idf.ImplicitFunction(
+                    self.forward, self.conditions, check_conditions=None
+                )
             ),
         }
         if jaxopt is not None:
