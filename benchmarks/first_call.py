@@ -155,7 +155,7 @@ def _rows(samples, cases, methods) -> list[dict]:
     from . import _common as C
 
     def median(case, method, key):
-        values = [s[key] for s in samples[case, method]]
+        values = [s[key] for s in samples.get((case, method), [])]
         return statistics.median(values) if values else None
 
     rows = []

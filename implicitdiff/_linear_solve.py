@@ -10,7 +10,7 @@ from ._misc import ravel, size, unravel
 from ._solve import solve_with_presolve
 from ._solvers._auto import Auto
 from ._solvers._base import AbstractLinearSolver
-from ._sparse._detect import _concrete_value
+from ._sparse._detect import concrete_value
 from ._sparse._operator import SparseLinearOperator, SparsityPattern
 
 _AUTO = Auto()
@@ -129,7 +129,7 @@ def _as_operator(A) -> SparseLinearOperator:
 def _coordinates(A) -> tuple[np.ndarray, np.ndarray]:
     """The host row and column indices of A's stored entries."""
     arrays = (A.indices,) if isinstance(A, jsparse.BCOO) else (A.indices, A.indptr)
-    values = [_concrete_value(a) for a in arrays]
+    values = [concrete_value(a) for a in arrays]
     if any(v is None for v in values):
         raise ValueError(
             "linear_solve: the indices of A must be known when tracing (NumPy "

@@ -7,6 +7,7 @@ import jax.flatten_util as jfu
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
+from jax.extend import core as jex_core
 from jaxtyping import Array, Bool, Float, PyTree
 
 
@@ -40,6 +41,16 @@ def _cast(x: Array, dtype) -> Array:
     if jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
         x = jnp.real(x)
     return x.astype(dtype)
+
+
+# The trace JAX runs under when no transformation is active, found at import (public
+# API: `jax.extend.core`; the equivalent `trace_state_clean` is in `jax._src`).
+_EAGER_TRACE = type(jex_core.find_top_trace(()))
+
+
+def tracing() -> bool:
+    """Whether a JAX transformation (`jit`, `grad`, `vmap`, ...) is being traced."""
+    return not isinstance(jex_core.find_top_trace(()), _EAGER_TRACE)
 
 
 def size(tree: PyTree) -> int:

@@ -8,11 +8,10 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax._src import core as jax_core  # trace_state_clean: no public equivalent
 from jax.extend import core as jex_core
 
 from ._failure import CallSite
-from ._misc import structure
+from ._misc import structure, tracing
 
 # Raised when code converts a tracer to a Python or NumPy value: the forward is NumPy
 # or SciPy (or branches on its inputs in Python) and cannot run under a transform.
@@ -98,7 +97,7 @@ def hoist_closed_over_tracers(
     primal values inside the rule, which `call_forward` turns into an error naming the
     fix when they are not concrete either (under `jit`).
     """
-    if jax_core.trace_state_clean():
+    if not tracing():
         return forward, conditions
     try:
         converted = _closure_convert(forward, x, *args, **kwargs)

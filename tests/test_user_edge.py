@@ -315,3 +315,21 @@ def test_eager_calls_compile_once_and_untraceable_forwards_still_run_eagerly():
     np.testing.assert_allclose(
         jax.grad(lambda x: g(x).sum())(x), np.diag(expected), rtol=1e-12
     )
+
+
+def test_jax_export_needs_the_nan_policy():
+    """`jax.export` cannot serialise a host callback: with `on_failure="nan"` (no
+    callback) the exported gradient runs and is right; with the default the export
+    fails when lowering (JAX's error; docs/common_errors.md names the fix, as no
+    public JAX API tells a trace that it is being exported)."""
+    from jax import export
+
+    def grad_of(policy):
+        f = idf.ImplicitFunction(jnp.sqrt, lambda x, y: y**2 - x, on_failure=policy)
+        return jax.jit(jax.grad(lambda x: f(x).sum()))
+
+    x = jnp.array([1.0, 4.0])
+    exported = export.export(grad_of("nan"))(x)  # (serialising needs flatbuffers)
+    np.testing.assert_allclose(exported.call(x), 0.5 / np.sqrt(x), rtol=1e-12)
+    with pytest.raises(Exception, match="(?i)callback"):
+        export.export(grad_of("warn"))(x)

@@ -11,7 +11,7 @@ NumPy or SciPy operations. A 5-point stencil on a 1024² grid takes 0.3 to 0.6 s
 Structural primitives are not re-implemented: each is evaluated on integer arrays
 whose entries are the element ids of its operands, and the ids that come out say
 where every output element comes from. What it needs besides (gather indices, slice
-starts) must be a constant: see `_concrete_value`.
+starts) must be a constant: see `concrete_value`.
 """
 
 import contextlib
@@ -87,7 +87,7 @@ def detect_sparsity(
 def _propagate(jaxpr: Jaxpr, consts, in_deps, in_sources, fallbacks) -> list[Deps]:
     """Runs the rules through `jaxpr`; `in_sources` give invars' constant values."""
     sources = {
-        var: ft.partial(_concrete_value, const)
+        var: ft.partial(concrete_value, const)
         for var, const in zip(jaxpr.constvars, consts, strict=True)
     }
     scope = _Scope(jaxpr, {**sources, **in_sources})
@@ -219,7 +219,7 @@ def _needed_inputs(eqn, wanted) -> list | None:
     ]
 
 
-def _concrete_value(x) -> np.ndarray | None:
+def concrete_value(x) -> np.ndarray | None:
     """The value of a constant of the jaxpr, or None if it is not known.
 
     Under `jit` (or inside `custom_linear_solve`) the constants of the linearised
@@ -233,20 +233,20 @@ def _concrete_value(x) -> np.ndarray | None:
         return np.asarray(x)
     try:
         if getattr(x, "batch_dim", 0) is None:  # unbatched under vmap
-            return _concrete_value(x.val)
+            return concrete_value(x.val)
         if hasattr(x, "primal"):
             # Under differentiation only integer values are safe to read: a float
             # constant's zeros could carry a nonzero tangent.
             is_int = not np.issubdtype(np.dtype(x.dtype), np.inexact)
-            return _concrete_value(x.primal) if is_int else None
+            return concrete_value(x.primal) if is_int else None
         frame = x._trace.frame
         const = x.get_const()
         if const is not None:
-            return _concrete_value(const)
+            return concrete_value(const)
 
         def source(var):
             const = frame.constvar_to_val.get(var)
-            return None if const is None else _concrete_value(const)
+            return None if const is None else concrete_value(const)
 
         return _fold(x.val, frame.get_eqns(), source)
     except Exception:

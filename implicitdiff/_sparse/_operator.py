@@ -9,11 +9,17 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 from jax import lax
-from jax._src import core as jax_core
 from jax.experimental import sparse as jsparse
 from jaxtyping import Array, Float, Int, PyTree
 
-from .._misc import max_or_nan, operator_norm_lower_bound, ravel, size, unravel
+from .._misc import (
+    max_or_nan,
+    operator_norm_lower_bound,
+    ravel,
+    size,
+    tracing,
+    unravel,
+)
 
 
 class SparsityPattern:
@@ -153,7 +159,7 @@ def device_indices(indices: np.ndarray) -> Array:
     """A NumPy index array as a JAX array: a constant of the program being traced, or,
     when it is large, the output of a host callback that hands it over when the
     program runs (a copy, milliseconds, instead of seconds of compilation)."""
-    if indices.nbytes <= _LARGEST_CONSTANT_BYTES or jax_core.trace_state_clean():
+    if indices.nbytes <= _LARGEST_CONSTANT_BYTES or not tracing():
         return jnp.asarray(indices)
     shape = jax.ShapeDtypeStruct(indices.shape, indices.dtype)
     return jax.pure_callback(lambda: indices, shape, vmap_method="broadcast_all")
