@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse
 import scipy.sparse.linalg
+from sharding_script import M, batch_conditions, batch_forward  # tests/ is on the path
 
 import implicitdiff as idf
 
@@ -36,21 +37,8 @@ DEVICES_PER_PROCESS = 2
 CANNOT_START = 77  # the exit status when this platform cannot run the processes
 
 # --- A batch of small problems, sharded over the batch axis --------------------------
-# c(x, y) = M y + 0.1 tanh(y) − x, so dy/dx = (M + 0.1 diag(1 − tanh²y))⁻¹.
+# The problem of the single-process sharding tests: c(x, y) = M y + 0.1 tanh(y) − x.
 BATCH = 16
-M = np.eye(3) * 2 + np.random.default_rng(0).normal(size=(3, 3)) / 3
-
-
-def batch_conditions(x, y):
-    return M @ y + 0.1 * jnp.tanh(y) - x
-
-
-def batch_forward(x):
-    def newton(_, y):
-        jacobian = M + 0.1 * jnp.diag(1 - jnp.tanh(y) ** 2)
-        return y - jnp.linalg.solve(jacobian, batch_conditions(x, y))
-
-    return jax.lax.fori_loop(0, 20, newton, jnp.zeros_like(x))
 
 
 def batch_program(X, V):
