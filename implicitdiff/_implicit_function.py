@@ -60,7 +60,8 @@ class ImplicitFunction(eqx.Module):
     costs what a jitted one does. A forward that cannot be traced (NumPy, Python
     branches on values), one made by [`implicitdiff.host`][], and
     `on_failure="raise"` run eagerly instead, so that their errors come out as
-    themselves. Differentiating it never differentiates `forward`:
+    themselves; so do calls with Python floats or unhashable non-array arguments
+    (they cannot key the cache). Differentiating it never differentiates `forward`:
     with `A = ∂c/∂y` and `B = ∂c/∂x` at the forward's output, a JVP solves
     `A ẏ = −B ẋ` and a VJP solves `Aᵀ u = v` and returns `−Bᵀ u`, both with
     `linear_solver`. Every JAX transform works and composes: `jax.jvp`, `jax.jacfwd`,
@@ -162,7 +163,8 @@ class ImplicitFunction(eqx.Module):
         site = CallSite.of_caller()
         # Eagerly, the errors of on_failure="raise" and of a host forward come out as
         # themselves, not inside a JaxRuntimeError; a host forward runs eagerly anyway.
-        if self.on_failure == "raise" or is_host_function(self.forward):
+        eager = self.on_failure == "raise" or is_host_function(self.forward)
+        if eager or not _cacheable((self, x, args, kwargs)):
             return self._call(site, x, args, kwargs)
         try:
             return _compiled_call(self, site, x, args, kwargs)
@@ -312,6 +314,21 @@ def _compiled_call(implicit: ImplicitFunction, site: CallSite, x, args, kwargs):
     than jaxopt after the first call, and a first call 2-3× slower. Inside `jit` it
     is one nested call."""
     return implicit._call(site, x, args, kwargs)
+
+
+def _cacheable(tree) -> bool:
+    """Whether `_compiled_call` should cache on the non-array parts of `tree`: they
+    must hash (a SciPy matrix passed as an argument does not), and hold no Python
+    float, which would be compiled in, once per value (a loop over `f(lam)` with
+    Python floats). Otherwise the call runs eagerly, as it always could."""
+    leaves, treedef = jax.tree.flatten(eqx.filter(tree, eqx.is_array, inverse=True))
+    if any(isinstance(leaf, (float, complex)) for leaf in leaves):
+        return False
+    try:
+        hash((tuple(leaves), treedef))
+    except TypeError:
+        return False
+    return True
 
 
 def _linearise(fn: Callable, y) -> Callable:

@@ -333,3 +333,38 @@ def test_jax_export_needs_the_nan_policy():
     np.testing.assert_allclose(exported.call(x), 0.5 / np.sqrt(x), rtol=1e-12)
     with pytest.raises(Exception, match="(?i)callback"):
         export.export(grad_of("warn"))(x)
+
+
+def test_unhashable_static_argument_runs_eagerly():
+    """A SciPy matrix passed as an argument cannot key the compiled call's cache:
+    the call runs eagerly, as before, and its derivative is right."""
+    import scipy.sparse as sp
+    import scipy.sparse.linalg as sla
+
+    S = sp.identity(3, format="csr") * 2.0
+
+    def forward(x, S):
+        return jnp.asarray(sla.spsolve(S.tocsc(), np.asarray(x)))
+
+    f = idf.ImplicitFunction(forward, lambda x, y, S: jnp.asarray(S.toarray()) @ y - x)
+    x = jnp.ones(3)
+    np.testing.assert_allclose(f(x, S), 0.5 * np.ones(3), rtol=1e-12)
+    np.testing.assert_allclose(jax.jacobian(f)(x, S), 0.5 * np.eye(3), rtol=1e-12)
+
+
+def test_python_float_arguments_are_not_compiled_in():
+    """Python floats would be compiled into the cached call, once per value: such
+    calls run eagerly, and each value gives its own right answer."""
+    traced = []
+
+    def conditions(x, y, s):
+        traced.append(s)
+        return y**2 - x * s
+
+    f = idf.ImplicitFunction(lambda x, s: jnp.sqrt(x * s), conditions)
+    x = jnp.array([1.0, 4.0])
+    for s in (1.0, 2.0, 3.0):
+        np.testing.assert_allclose(
+            jax.jacobian(f)(x, s), np.diag(0.5 * s / np.sqrt(x * s)), rtol=1e-12
+        )
+    assert {1.0, 2.0, 3.0} <= set(traced)
