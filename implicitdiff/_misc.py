@@ -53,6 +53,12 @@ def tracing() -> bool:
     return not isinstance(jex_core.find_top_trace(()), _EAGER_TRACE)
 
 
+def result_dtype(tree: PyTree) -> jnp.dtype:
+    """The dtype that every leaf of a pytree of arrays (or `ShapeDtypeStruct`s)
+    promotes to."""
+    return jnp.result_type(*jax.tree.leaves(tree))
+
+
 def size(tree: PyTree) -> int:
     """The number of elements in a pytree of arrays or `ShapeDtypeStruct`s."""
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
@@ -174,7 +180,7 @@ def credible(
     propagate through `max_abs` and fail the comparison.
     """
     x_max, b_max = max_abs(x), max_abs(b)
-    threshold = singular_threshold(size(x), jnp.result_type(*jax.tree.leaves(x)))
+    threshold = singular_threshold(size(x), result_dtype(x))
     bounded = (norm_bound * x_max <= threshold * b_max) | (x_max == 0)
     return jnp.isfinite(b_max) & jnp.isfinite(x_max) & bounded
 

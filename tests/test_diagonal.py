@@ -108,3 +108,19 @@ def test_is_diagonal_by_structure():
 
     jax.jit(traced)(jnp.diag(d))
     assert found == [False]
+
+
+def test_large_operators_through_a_product_are_not_examined():
+    """Above 1024 unknowns a product or reduction of the unknowns means "not
+    diagonal" without running the detector (whose cost grows with the pattern);
+    elementwise operators are still found at any size."""
+    import lineax as lx
+
+    n = 4096
+    s = jax.ShapeDtypeStruct((n,), jnp.float64)
+    blocks = jnp.ones((n // 64, 64, 64))
+    mixing = lx.FunctionLinearOperator(
+        lambda v: v + jnp.einsum("bij,bj->bi", blocks, v.reshape(-1, 64)).ravel(), s
+    )
+    assert not is_diagonal(mixing)
+    assert is_diagonal(lx.FunctionLinearOperator(lambda v: 3.0 * v + jnp.sin(1.0), s))

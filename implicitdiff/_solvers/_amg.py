@@ -2,10 +2,10 @@ import functools as ft
 from typing import Literal
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._misc import result_dtype
 from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
 from ._host_certificate import host_certify, probe_is_credible
@@ -243,7 +243,7 @@ AMGPreconditioner.__init__.__doc__ = """**Arguments:**
 
 
 def _check_real(A, name: str) -> None:
-    dtype = jnp.result_type(*jax.tree.leaves(A.in_structure()))
+    dtype = result_dtype(A.in_structure())
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
             f"{name} supports real floating-point systems only, got {dtype}: pyamg's "

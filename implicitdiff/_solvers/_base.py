@@ -13,6 +13,7 @@ from .._misc import (
     credible,
     operator_norm_lower_bound,
     pseudo_random_probe,
+    result_dtype,
     size,
     unravel,
 )
@@ -138,7 +139,7 @@ class AbstractLinearSolver(eqx.Module):
         A boolean scalar array: `True` when `A` is regular to working precision.
         """
         b_structure = A.out_structure()
-        dtype = jax.numpy.result_type(*jax.tree.leaves(b_structure))
+        dtype = result_dtype(b_structure)
         r = unravel(pseudo_random_probe(size(b_structure), dtype), b_structure)
         x = self.solve(state, r)
         return all_finite(x) & credible(operator_norm_lower_bound(A), x, r)

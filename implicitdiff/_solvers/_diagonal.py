@@ -3,12 +3,14 @@
 import jax
 import jax.numpy as jnp
 import lineax as lx
+from jax.extend import core as jex_core
 
 from .._misc import (
     max_or_nan,
     min_or_nan,
     nan_unless,
     ravel,
+    result_dtype,
     singular_threshold,
     size,
     unravel,
@@ -31,11 +33,47 @@ def is_diagonal(A: lx.AbstractLinearOperator) -> bool:
         return False
     if n <= 1:
         return True
+    # The detector's cost grows with the pattern it finds: a block-dense pattern of
+    # 65536 unknowns took seconds of tracing. A product or reduction that the
+    # unknowns go through almost always mixes them, so large operators with one are
+    # not examined (small ones are, cheaply: a constant diagonal matrix is found).
+    if n > _EXAMINE_MIXING_UP_TO:
+        jaxpr = jax.make_jaxpr(A.mv)(A.in_structure()).jaxpr
+        if _primitive_names(jaxpr) & _MIXING:
+            return False
     # A fallback rule only means "not diagonal". (Not `warnings.catch_warnings`: it
     # resets the registry of warnings shown once.)
     pattern = detect_sparsity(A.mv, A.in_structure(), warn_on_fallback=False)
     rows, cols = pattern.rows, pattern.cols
     return bool(len(rows) <= n and (rows == cols).all())
+
+
+_EXAMINE_MIXING_UP_TO = 1024
+_MIXING = {
+    "dot_general",
+    "conv_general_dilated",
+    "reduce_sum",
+    "reduce_max",
+    "reduce_min",
+    "reduce_prod",
+    "cumsum",
+    "cumprod",
+    "cummax",
+    "cummin",
+    "fft",
+    "sort",
+    "triangular_solve",
+    "custom_linear_solve",
+}
+
+
+def _primitive_names(jaxpr) -> set[str]:
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jex_core.jaxprs_in_params(eqn.params):
+            names |= _primitive_names(sub)
+    return names
 
 
 class Diagonal(AbstractLinearSolver):
@@ -44,12 +82,13 @@ class Diagonal(AbstractLinearSolver):
     [`is_diagonal`] says is diagonal."""
 
     def presolve(self, A, y):
-        diagonal = ravel(A.mv(unravel(jnp.ones(size(y), _dtype(y)), y)))
+        ones = unravel(jnp.ones(size(y), result_dtype(y)), y)
+        diagonal = ravel(A.mv(ones))
         magnitude = jnp.abs(diagonal)
         condition = max_or_nan(magnitude) / min_or_nan(magnitude)
         # NaN and inf (a zero on the diagonal) fail the comparison.
         regular = condition <= singular_threshold(diagonal.size, diagonal.dtype)
-        return diagonal, regular, A.out_structure()
+        return diagonal, regular, A.in_structure()
 
     def solve(self, state, b):
         diagonal, regular, x_structure = state
@@ -58,7 +97,3 @@ class Diagonal(AbstractLinearSolver):
 
     def certify(self, state, A):
         return state[1]
-
-
-def _dtype(structure):
-    return jnp.result_type(*jax.tree.leaves(structure))
