@@ -8,7 +8,7 @@ import numpy as np
 from .._misc import result_dtype
 from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
-from ._host_certificate import host_certify, probe_is_credible
+from ._host_certificate import host_certify, m_matrix_is_credible, probe_is_credible
 from ._krylov import check_tolerances, default_rtol
 from ._on_host import (
     HostMethod,
@@ -53,6 +53,16 @@ class AMG(AbstractLinearSolver):
     cycles are also faster than the Jacobi-smoothed cycles a JAX port can express, so
     this costs about as much as calling pyamg directly (on a GPU, add copying `A` and
     the right-hand sides to the host and back).
+
+    **Regularity.** A Krylov method converges on a singular system whose right-hand
+    side is in its range, so a converged solve proves nothing. `presolve` certifies
+    `A` once per matrix, with the setup: a Z-matrix (positive diagonal, no positive
+    entry off it, as the discrete diffusion operators of elliptic PDEs; or minus one)
+    is proven a nonsingular M-matrix with `κ∞(A)` below the threshold by the first
+    iterate `x ≥ 0` of a solve of `A x = 1` with `A x > 0` in every row, a few cycles
+    (`‖A⁻¹‖∞ ≤ ‖x‖∞ / min(A x)`, deterministic); any other matrix by a solve for a
+    fixed pseudo-random right-hand side that a singular `A` almost surely cannot
+    reach. An uncertified `A` gives NaN.
 
     Ruge-Stüben is the default: on 2D/3D diffusion, including strong coefficient
     jumps, its setup is several times cheaper than smoothed aggregation's for a
@@ -143,11 +153,14 @@ class AMG(AbstractLinearSolver):
         return host_certify(method, host_state, A)
 
     def _prepare_certified(self, rtol, csr):
-        # The certificate's probe solve runs here, with the setup: it is cached with
-        # the hierarchy, so a matrix seen before costs neither again.
+        # The certificate runs here, with the setup: it is cached with the hierarchy,
+        # so a matrix seen before costs neither again. An M-matrix is proven regular
+        # by a few cycles; any other matrix by the probe, a solve to full tolerance.
         hierarchy, nbytes = _build_hierarchy(self.method, thaw(self.setup_options), csr)
+        run = ft.partial(self._run_watched, rtol, hierarchy)
         solve_rows = ft.partial(self._solve_rows, rtol, csr, hierarchy)
-        return (hierarchy, probe_is_credible(csr, solve_rows)), nbytes
+        regular = m_matrix_is_credible(csr, run) or probe_is_credible(csr, solve_rows)
+        return (hierarchy, regular), nbytes
 
     def _solve_certified(self, rtol, csr, prepared, B):
         hierarchy, regular = prepared
@@ -156,21 +169,23 @@ class AMG(AbstractLinearSolver):
         return self._solve_rows(rtol, csr, hierarchy, B)
 
     def _solve_rows(self, rtol, csr, hierarchy, B):
+        run = ft.partial(self._run_watched, rtol, hierarchy, return_info=True)
+        return np.stack([iterate_to_tolerance(run, csr, b, rtol, self.atol) for b in B])
+
+    def _run_watched(self, rtol, hierarchy, b, callback=None, return_info=False):
+        """pyamg's accelerated cycles from zero, calling `callback` on each iterate."""
         max_steps = self.max_steps
         if self.accel == "gmres":  # unrestarted: at most n steps, pyamg warns past
-            max_steps = min(max_steps, B.shape[1])
-
-        def run(b):
-            return hierarchy.solve(
-                b,
-                tol=rtol,
-                maxiter=max_steps,
-                cycle=self.cycle,
-                accel=self.accel,
-                return_info=True,
-            )
-
-        return np.stack([iterate_to_tolerance(run, csr, b, rtol, self.atol) for b in B])
+            max_steps = min(max_steps, b.shape[0])
+        return hierarchy.solve(
+            b,
+            tol=rtol,
+            maxiter=max_steps,
+            cycle=self.cycle,
+            accel=self.accel,
+            callback=callback,
+            return_info=return_info,
+        )
 
     def as_preconditioner(self) -> "AMGPreconditioner":
         """One multigrid cycle of this hierarchy as an approximate inverse, for the

@@ -179,8 +179,10 @@ _QUIET_LOCK = threading.Lock()
 def _quiet():
     """Silences SciPy's and pyamg's warnings (a failure is reported as NaN). The
     warning filters are process-wide and XLA may run callbacks on several threads at
-    once, so host work is serialised while they are changed."""
-    with _QUIET_LOCK, warnings.catch_warnings():
+    once, so host work is serialised while they are changed. The warnings are
+    recorded and dropped rather than filtered: pyamg's Krylov methods put an "always"
+    filter for themselves ahead of any "ignore" on every call."""
+    with _QUIET_LOCK, warnings.catch_warnings(record=True):
         warnings.simplefilter("ignore")
         yield
 
