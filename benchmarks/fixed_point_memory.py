@@ -8,7 +8,9 @@ K = 10 … 1000, and the loss is ½‖z‖². The gradient with respect to (W, U
   with the default solver (`Auto`: GMRES above 1024 unknowns, so GMRES here, Direct
   in the `--quick` sizes), and per example under `vmap` with `Direct`;
 - backprop through the unrolled loop (stores every iterate);
-- optimistix `fixed_point` with `ImplicitAdjoint(lineax.GMRES)` on the same forward.
+- optimistix `fixed_point` with `ImplicitAdjoint(lineax.GMRES)` on the same forward;
+- jaxopt's `custom_fixed_point` with its `solve_gmres` (default tolerance, 1e-5, as
+  implicitdiff's in float32) on the same forward.
 
 Peak memory is XLA's buffer assignment of the compiled gradient (arguments, outputs
 and temporaries). The error is against the exact gradient at the true fixed point
@@ -23,11 +25,12 @@ from jax import lax
 import implicitdiff as idf
 
 from . import _common as C
-from ._peers import MISSING, lx, optx
+from ._peers import MISSING, jaxopt, lx, optx
 
 SUITE = "fixed_point_memory"
 IMPLICIT = "implicitdiff Auto, whole batch"
 UNROLLED = "backprop through the unrolled loop"
+JAXOPT = "jaxopt custom_fixed_point solve_gmres"
 DTYPE = np.float32
 
 
@@ -87,7 +90,22 @@ def methods(steps: int) -> dict:
         found["optimistix fixed_point ImplicitAdjoint(GMRES)"] = gradients(
             lambda x, w, u, b: optimistix_fixed_point(forward, x, w, u, b)
         )
+    if jaxopt is not None:
+        found[JAXOPT] = gradients(
+            lambda x, w, u, b: jaxopt_fixed_point(forward, x, w, u, b)
+        )
     return found
+
+
+def jaxopt_fixed_point(forward, x, w, u, b):
+    @jaxopt.implicit_diff.custom_fixed_point(
+        lambda z, x, w, u, b: layer(z, x, w, u, b),
+        solve=jaxopt.linear_solve.solve_gmres,
+    )
+    def solver(init, x, w, u, b):
+        return forward(x, w, u, b)
+
+    return solver(jnp.zeros_like(x), x, w, u, b)
 
 
 def optimistix_fixed_point(forward, x, w, u, b):
@@ -165,6 +183,19 @@ def goals(rows: list[dict]) -> list[dict]:
                 "implicit backward memory flat in K (within 5%)", growth <= 1.05, detail
             )
         )
+    return results + _time_goals(rows)
+
+
+def _time_goals(rows: list[dict]) -> list[dict]:
+    """The whole-batch gradient within 1.2× of jaxopt's on the same forward."""
+    times = {(r["method"], r["steps"]): r["time_s"] for r in rows}
+    results = []
+    for (method, steps), peer in times.items():
+        if method != JAXOPT:
+            continue
+        ratio = times[IMPLICIT, steps] / peer
+        detail = f"K = {steps}: {ratio:.2f}x jaxopt's time"
+        results.append(C.goal("within 1.2x jaxopt's time", ratio <= 1.2, detail))
     return results
 
 
