@@ -15,7 +15,6 @@ from ._failure import CallSite, OnFailure, apply_policy
 from ._misc import (
     all_finite,
     credible,
-    operator_norm_lower_bound,
     ravel,
     size,
     structure,
@@ -125,8 +124,9 @@ def solve_with_presolve(
 
         def run(_, b):
             A = operator.transpose() if transpose else operator
-            state, regular = solve_log.presolve(solver, A, structure(b), direction)
-            norm_bound = operator_norm_lower_bound(A)
+            state, regular, norm_bound = solve_log.presolve(
+                solver, A, structure(b), direction
+            )
 
             def accept(x):
                 return regular & credible(norm_bound, x, b)

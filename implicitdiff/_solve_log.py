@@ -254,17 +254,22 @@ def _close_slot() -> None:
 
 
 def presolve(solver, operator, y_structure, direction):
-    """Runs `solver.presolve` and `solver.certify` (part of the presolve: once per
-    linearisation point); records their time when a `SolveLog` is active. Returns the
-    state for `solve` and the certificate."""
+    """Runs `solver.presolve`, `solver.certify` and `solver.norm_bound` (part of the
+    presolve: once per linearisation point); records their time when a `SolveLog` is
+    active. Returns the state for `solve`, the certificate and the bound of `‖A‖∞`."""
     if _LOGGING.value is None:
         state = solver.presolve(operator, y_structure)
-        return state, solver.certify(state, operator)
+        return state, *_certificate(solver, state, operator)
     operator, start = _tick_after(operator)
     state = solver.presolve(operator, y_structure)
-    regular = solver.certify(state, operator)
-    (state, regular), end = _tick_after((state, regular))
-    return _TimedState(state, start, end), regular
+    (state, certificate), end = _tick_after(
+        (state, _certificate(solver, state, operator))
+    )
+    return _TimedState(state, start, end), *certificate
+
+
+def _certificate(solver, state, operator):
+    return solver.certify(state, operator), solver.norm_bound(state, operator)
 
 
 def solve(solver, state, operator, b, direction, accept):

@@ -39,5 +39,9 @@ class Auto(AbstractLinearSolver):
         solver, solver_state = state
         return solver.certify(solver_state, A)
 
+    def norm_bound(self, state, A):
+        solver, solver_state = state
+        return solver.norm_bound(solver_state, A)
+
 
 Auto.__init__.__doc__ = """**Arguments:** none."""

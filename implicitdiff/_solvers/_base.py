@@ -6,7 +6,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import lineax as lx
-from jaxtyping import Array, Bool, PyTree
+from jaxtyping import Array, Bool, Float, PyTree
 
 from .._misc import (
     all_finite,
@@ -142,4 +142,28 @@ class AbstractLinearSolver(eqx.Module):
         dtype = result_dtype(b_structure)
         r = unravel(pseudo_random_probe(size(b_structure), dtype), b_structure)
         x = self.solve(state, r)
-        return all_finite(x) & credible(operator_norm_lower_bound(A), x, r)
+        return all_finite(x) & credible(self.norm_bound(state, A), x, r)
+
+    def norm_bound(
+        self, state: SolverState, A: lx.AbstractLinearOperator
+    ) -> Float[Array, ""]:
+        """A lower bound of `‖A‖∞`, for the check that every solution `x` of `A x = b`
+        does not prove `A` numerically singular (`‖A‖∞‖x‖∞/‖b‖∞` above the
+        threshold). Called once per linearisation point and direction, after
+        `presolve`.
+
+        The default is exact for an operator that stores its matrix (the largest
+        absolute row sum) and otherwise the largest `‖A p‖∞` over four fixed probe
+        vectors `p`, one batched product. A solver that has the matrix after its
+        `presolve` overrides this to return the exact norm for free.
+
+        **Arguments:**
+
+        - `state`: what `presolve` returned.
+        - `A`: the operator `presolve` was given.
+
+        **Returns:**
+
+        A non-negative scalar array (NaN or inf when `A` is not finite).
+        """
+        return operator_norm_lower_bound(A)

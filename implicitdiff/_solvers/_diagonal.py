@@ -7,7 +7,6 @@ from jax.extend import core as jex_core
 
 from .._misc import (
     max_or_nan,
-    min_or_nan,
     nan_unless,
     ravel,
     result_dtype,
@@ -85,15 +84,21 @@ class Diagonal(AbstractLinearSolver):
         ones = unravel(jnp.ones(size(y), result_dtype(y)), y)
         diagonal = ravel(A.mv(ones))
         magnitude = jnp.abs(diagonal)
-        condition = max_or_nan(magnitude) / min_or_nan(magnitude)
-        # NaN and inf (a zero on the diagonal) fail the comparison.
-        regular = condition <= singular_threshold(diagonal.size, diagonal.dtype)
-        return diagonal, regular, A.in_structure()
+        # max|d| and max(1/|d|) in one reduction; NaN and inf (a zero on the
+        # diagonal) fail the comparison.
+        norm, inverse_norm = max_or_nan(jnp.stack([magnitude, 1 / magnitude]), axis=1)
+        regular = norm * inverse_norm <= singular_threshold(
+            diagonal.size, diagonal.dtype
+        )
+        return diagonal, regular, A.in_structure(), norm
 
     def solve(self, state, b):
-        diagonal, regular, x_structure = state
+        diagonal, regular, x_structure, _ = state
         report_solve(status="singular")
         return unravel(nan_unless(regular, ravel(b) / diagonal), x_structure)
 
     def certify(self, state, A):
         return state[1]
+
+    def norm_bound(self, state, A):
+        return state[3]

@@ -43,13 +43,13 @@ class Direct(AbstractLinearSolver):
         matrix = A.as_matrix()
         factor_matrix = matrix.astype(jnp.promote_types(matrix.dtype, jnp.float32))
         lu_and_pivots = jsl.lu_factor(factor_matrix)
-        condition = _condition_estimate(factor_matrix, lu_and_pivots)
+        condition, norm_inf = _condition_estimate(factor_matrix, lu_and_pivots)
         # NaN (a failed solve) and inf (a zero pivot) fail the comparison.
         regular = condition <= singular_threshold(matrix.shape[0], matrix.dtype)
-        return lu_and_pivots, regular, A.in_structure()
+        return lu_and_pivots, regular, A.in_structure(), norm_inf
 
     def solve(self, state, b):
-        lu_and_pivots, regular, x_structure = state
+        lu_and_pivots, regular, x_structure, _ = state
         report_solve(status="singular")
         rhs = ravel(b).astype(lu_and_pivots[0].dtype)
         x = jsl.lu_solve(lu_and_pivots, _batched_like_factors(rhs, lu_and_pivots))
@@ -58,13 +58,16 @@ class Direct(AbstractLinearSolver):
     def certify(self, state, A):
         return state[1]
 
+    def norm_bound(self, state, A):
+        return state[3]
+
 
 def _condition_estimate(
     matrix: Inexact[Array, "n n"], lu_and_pivots
-) -> Float[Array, ""]:
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """`max(κ₁, κ∞)`, exact for small matrices and estimated from below above:
     invariant under transposition (κ∞(M) is κ₁(Mᵀ)). NaN or inf when the matrix or
-    its factors are not finite."""
+    its factors are not finite. Also `‖M‖∞`, exact."""
     n, dtype = matrix.shape[0], matrix.dtype
 
     def solve(trans):  # trans=2: with Mᴴ (Mᵀ for a real M)
@@ -72,17 +75,23 @@ def _condition_estimate(
             lu_and_pivots, _batched_like_factors(v, lu_and_pivots), trans=trans
         )
 
-    if n <= _EXPLICIT_INVERSE_MAX:
-        inverse_1, inverse_inf = _norms_1_and_inf(solve(0)(jnp.eye(n, dtype=dtype)))
+    if n <= _EXPLICIT_INVERSE_MAX:  # both matrices' norms in one reduction
+        inverse = solve(0)(jnp.eye(n, dtype=dtype))
+        (norm_1, norm_inf), (inverse_1, inverse_inf) = _norms_1_and_inf(
+            jnp.stack([matrix, inverse])
+        )
     else:  # ‖M⁻¹‖∞ = ‖M⁻ᴴ‖₁
         inverse_1, inverse_inf = inverse_norm1_estimates(solve(0), solve(2), n, dtype)
-    norm_1, norm_inf = _norms_1_and_inf(matrix)
-    return jnp.maximum(norm_1 * inverse_1, norm_inf * inverse_inf)
+        norm_1, norm_inf = _norms_1_and_inf(matrix)
+    condition = jnp.maximum(norm_1 * inverse_1, norm_inf * inverse_inf)
+    return condition, norm_inf
 
 
-def _norms_1_and_inf(matrix: Inexact[Array, "n n"]) -> tuple[Array, Array]:
-    magnitude = jnp.abs(matrix)
-    return max_or_nan(jnp.sum(magnitude, axis=0)), max_or_nan(jnp.sum(magnitude, 1))
+def _norms_1_and_inf(matrices: Inexact[Array, "*k n n"]) -> Float[Array, "*k 2"]:
+    """`(‖M‖₁, ‖M‖∞)` of each matrix, NaN-safe, in one reduction."""
+    magnitude = jnp.abs(matrices)
+    sums = jnp.stack([jnp.sum(magnitude, axis=-2), jnp.sum(magnitude, axis=-1)], -2)
+    return max_or_nan(sums, axis=-1)
 
 
 def _batched_like_factors(v: Inexact[Array, "n ..."], lu_and_pivots) -> Array:
