@@ -21,7 +21,7 @@ import scipy.sparse as sp
 from jax.experimental import sparse as jsparse
 
 import implicitdiff as idf
-from implicitdiff._misc import singular_threshold
+from implicitdiff._misc import max_or_nan, singular_threshold
 
 # These problems test the linear solves: their forwards return a point chosen for the
 # system (often y = 0 for a linear c), not a solution of the conditions, which the
@@ -527,3 +527,21 @@ def test_linear_solve_uses_certificates():
     b = A @ jnp.arange(N, dtype=jnp.float64)  # in the range
     for solver in (idf.GMRES(), idf.CG(), idf.SciPy("splu"), idf.Direct()):
         assert all_nan(idf.linear_solve(A, b, solver, on_failure="nan"))
+
+
+@pytest.mark.parametrize("n", [1, 10, 5000, 100_000])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_max_or_nan_against_numpy(n, dtype):
+    """The reduction under every check: NumPy's NaN-propagating max at each size
+    (XLA:CPU's own max drops NaN above a few thousand elements), along an axis too,
+    and no derivative through it."""
+    x = np.random.default_rng(n).normal(size=(3, n)).astype(dtype)
+    x[1, n // 2] = np.nan
+    x[2, :] = np.nan
+    reduce = jax.jit(max_or_nan, static_argnames="axis")
+    np.testing.assert_array_equal(reduce(x, axis=1), np.max(x, axis=1))
+    np.testing.assert_array_equal(reduce(x, axis=-1), np.max(x, axis=1))
+    np.testing.assert_array_equal(reduce(x[0]), np.max(x[0]))
+    assert np.isnan(reduce(x))
+    assert reduce(x[:, :0], axis=1).tolist() == [0, 0, 0]
+    assert jax.grad(lambda v: max_or_nan(v) * 1.0)(jnp.asarray(x[0])).sum() == 0
