@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, PyTree
 
+from ._misc import nan_where
+
 OnFailure = Literal["nan", "warn", "raise"]
 ON_FAILURE_CHOICES = ("nan", "warn", "raise")
 
@@ -121,12 +123,10 @@ def apply_policy(
         # its output, as when constant folding finds that `x` is NaN anyway. Adding
         # `0·flag` (which XLA does not fold for floats) keeps it.
         return jax.tree.map(
-            lambda leaf: (
-                jnp.where(failed & flag, jnp.nan, leaf) + _zero_from(flag, leaf.dtype)
-            ),
+            lambda leaf: nan_where(failed & flag, leaf) + _zero_from(flag, leaf.dtype),
             x,
         )
-    return jax.tree.map(lambda leaf: jnp.where(failed, jnp.nan, leaf), x)
+    return jax.tree.map(lambda leaf: nan_where(failed, leaf), x)
 
 
 def _zero_from(flag: Bool[Array, ""], dtype) -> Array:

@@ -26,7 +26,10 @@ def unravel(flat: Array, like: PyTree[jax.ShapeDtypeStruct]) -> PyTree[Array]:
     """Splits the vector `flat` into a pytree with the structure of `like`."""
     leaves, treedef = jax.tree.flatten(like)
     sizes = [int(np.prod(leaf.shape)) for leaf in leaves]
-    pieces = jnp.split(flat, np.cumsum(sizes)[:-1]) if leaves else []
+    if len(leaves) == 1:
+        pieces = [flat]
+    else:
+        pieces = jnp.split(flat, np.cumsum(sizes)[:-1]) if leaves else []
     return jax.tree.unflatten(
         treedef,
         [
@@ -73,12 +76,24 @@ def tree_norm(tree: PyTree[Array]) -> Float[Array, ""]:
 def all_finite(tree: PyTree[Array]) -> Bool[Array, ""]:
     """Whether every element of every leaf is finite."""
     flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
+    if len(flags) == 1:
+        return flags[0]
     return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
 def nan_unless(ok: Bool[Array, ""], tree: PyTree[Array]) -> PyTree[Array]:
     """`tree` where `ok`, else the same structure filled with NaN."""
-    return jax.tree.map(lambda leaf: jnp.where(ok, leaf, jnp.nan), tree)
+    return jax.tree.map(lambda leaf: nan_where(~ok, leaf), tree)
+
+
+def nan_where(flag: Bool[Array, "*shape"], x: Array) -> Array:
+    """NaN where `flag` (a scalar or `x`'s shape), else `x`. `jnp.where` without the
+    `jit` that JAX wraps it in: every check of every solve uses this, and each `jit`
+    is one more call in the jaxpr of a derivative, in its lowered module and in the
+    jaxpr that `jax.jacobian` prints, eagerly, on every call."""
+    x = jnp.asarray(x)
+    flag = jnp.broadcast_to(flag, x.shape)
+    return lax.select(flag, lax.full_like(x, jnp.nan), x)
 
 
 def is_inexact_array(leaf) -> bool:
@@ -116,7 +131,7 @@ def max_or_nan(x: Array, axis: int | None = None) -> Array:
     dimensions = tuple(range(x.ndim)) if axis is None else (axis % x.ndim,)
     initial = (jnp.array(-jnp.inf, x.dtype), jnp.array(False))
     largest, any_nan = lax.reduce((x, jnp.isnan(x)), initial, _max_and_or, dimensions)
-    return jnp.where(any_nan, jnp.nan, largest)
+    return nan_where(any_nan, largest)
 
 
 def _max_and_or(a, b):
