@@ -267,10 +267,10 @@ def presolve(solver, operator, y_structure, direction):
     return _TimedState(state, start, end), regular
 
 
-def solve(solver, state, operator, b, direction, accept):
+def solve(solver, state, product, b, direction, accept):
     """Runs `solver.solve`, then `accept(x)` (the caller's checks, a boolean scalar),
     and returns `x` where accepted, else all NaN; records the solve when a `SolveLog`
-    is active."""
+    is active, with the residual of `product` (`v ↦ A v`, the system solved)."""
     if not isinstance(state, _TimedState):
         x = solver.solve(state, b)
         return nan_unless(accept(x), x)
@@ -287,18 +287,18 @@ def solve(solver, state, operator, b, direction, accept):
     info = (_solver_name(solver), direction.split()[0], size(b), _dtype_name(b))
     ticks = (state.start, state.end, start, end)
     done = _record_when_run(
-        info, ticks, batch, report, all_finite(x_solver), operator, x, b
+        info, ticks, batch, report, all_finite(x_solver), product, x, b
     )
     return _after(x, done)
 
 
-def _record_when_run(info, ticks, batch, report, solver_finite, operator, x, b):
+def _record_when_run(info, ticks, batch, report, solver_finite, product, x, b):
     """Stages the callback that appends this solve's entry to the logs of the calling
     thread's slot, with everything reduced over the `vmap` axes; returns its (opaque,
     zero) result. `solver_finite`: whether the solver's own answer was finite, before
     the library's checks."""
     x_finite = all_finite(x)
-    residual, operator_finite = _residual(operator, x, b, x_finite)
+    residual, operator_finite = _residual(product, x, b, x_finite)
     bad_input = ~all_finite(b) | (~x_finite & ~operator_finite)
     failed = ~x_finite & ~bad_input
     done = jax.pure_callback(
@@ -450,7 +450,8 @@ def _systems(token):
 @_systems.def_vmap
 def _systems_vmap(axis_size, in_batched, token):
     (batched,) = in_batched
-    return _systems(token[0] if batched else token) * axis_size, False
+    # A reduction, not `token[0]`: slicing an axis that is explicitly sharded fails.
+    return _systems(jnp.max(token, axis=0) if batched else token) * axis_size, False
 
 
 _INT32 = jax.ShapeDtypeStruct((), jnp.int32)
@@ -490,7 +491,7 @@ def _read_clock(probe):
     return np.int32(now), np.zeros((), np.int32)
 
 
-def _residual(operator, x, b, x_finite):
+def _residual(product, x, b, x_finite):
     """`‖b − A x‖ / ‖b‖` (NaN for a non-finite `x`), and whether `A` is finite, with
     one product by `A`: of `x` when it is finite, else of `b` (the systems solved here
     are square), whose non-finite product means a non-finite `A`, so that NaN in, NaN
@@ -498,11 +499,11 @@ def _residual(operator, x, b, x_finite):
     b_flat, x_flat = ravel(b), ravel(x)
     if b_flat.shape == x_flat.shape:
         x_flat = jnp.where(x_finite, x_flat, b_flat.astype(x_flat.dtype))
-    product = ravel(operator.mv(unravel(x_flat, structure(x)))).astype(b_flat.dtype)
-    r_norm = jnp.linalg.norm(b_flat - product)
+    Ax = ravel(product(unravel(x_flat, structure(x)))).astype(b_flat.dtype)
+    r_norm = jnp.linalg.norm(b_flat - Ax)
     b_norm = jnp.linalg.norm(b_flat)
     relative = jnp.where(b_norm > 0, r_norm / jnp.where(b_norm > 0, b_norm, 1), r_norm)
-    return jnp.where(x_finite, relative, jnp.nan), jnp.all(jnp.isfinite(product))
+    return jnp.where(x_finite, relative, jnp.nan), jnp.all(jnp.isfinite(Ax))
 
 
 def _record(slot, info, reported, ticks, batch, iterations, residual, *rest):
