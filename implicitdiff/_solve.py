@@ -10,7 +10,7 @@ import lineax as lx
 from jax import lax
 from jaxtyping import Array, Bool, PyTree
 
-from . import _solve_log as solve_log
+from . import _solve_record as solve_record
 from ._failure import CallSite, OnFailure, apply_policy
 from ._misc import (
     all_finite,
@@ -126,13 +126,13 @@ def solve_with_presolve(
 
         def run(product, b):
             A = operator.transpose() if transpose else operator
-            state, regular = solve_log.presolve(solver, A, structure(b), direction)
+            state, regular = solve_record.presolve(solver, A, structure(b), direction)
             norm_bound = operator_norm_lower_bound(A)
 
             def accept(x):
                 return regular & credible(norm_bound, x, b)
 
-            x = solve_log.solve(solver, state, product, b, direction, accept)
+            x = solve_record.solve(solver, state, product, b, direction, accept)
             failed = ~all_finite(x) & all_finite(b) & operator_finite
             return apply_policy(x, failed, on_failure, message, site)
 
