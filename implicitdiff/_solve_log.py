@@ -40,7 +40,8 @@ class SolveLogEntry:
         [`implicitdiff.report_solve`][]; `None` for a solver that reports none
         (direct solvers).
     - `residual`: the largest relative residual `‖b − A x‖ / ‖b‖` (`‖b − A x‖` when
-        `b = 0`), computed by the log with one extra product by `A`; NaN when the
+        `b = 0`), computed by the log with one extra product by `A` (by the
+        linearised conditions themselves, not by an assembled matrix); NaN when the
         solution is NaN.
     - `solver_residual`: the largest final residual the solver reported through
         `report_solve`, as the solver measures it (the Krylov solvers: `‖b − A x‖/‖b‖`
