@@ -26,28 +26,25 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jaxtyping import PyTree
 
-from ._failure import ON_FAILURE_CHOICES, CallSite, OnFailure, apply_policy
+from ._calling import call_compiled
+from ._failure import CallSite, OnFailure
 from ._host import is_host_function
-from ._misc import all_finite, is_inexact_array, ravel, structure, tree_norm, unravel
+from ._misc import all_finite, is_inexact_array, ravel, structure, unravel
 from ._representation import AbstractRepresentation, as_representation
 from ._solve import solve_linearised
 from ._solvers._auto import Auto
 from ._solvers._base import AbstractLinearSolver
 from ._solvers._least_squares import LeastSquares
-from ._solvers._preconditioner import AbstractPreconditioner
-from ._user_code import (
-    UNTRACEABLE,
-    call_forward,
+from ._user_code import call_forward, hoist_closed_over_tracers, warn_if_inputs_ignored
+from ._validation import (
+    check_callables,
     check_conditions_output,
-    hoist_closed_over_tracers,
-    input_names,
-    name_of,
-    unused_inputs,
-    warn_ignored_inputs,
+    check_linear_solver,
+    check_options,
+    is_pair,
+    split_output,
+    verify_solution,
 )
-
-# ‖c(x, y)‖ ≤ tol·(1 + ‖y‖) at the forward's output, by default.
-DEFAULT_CHECK_TOLERANCE = 1e-3
 
 
 class ImplicitFunction(eqx.Module):
@@ -104,48 +101,13 @@ class ImplicitFunction(eqx.Module):
     )
     has_byproduct: bool = eqx.field(default=False, static=True)
     on_failure: OnFailure = eqx.field(default="warn", static=True)
-    check_conditions: float | None = eqx.field(
-        default=DEFAULT_CHECK_TOLERANCE, static=True
-    )
+    # By default ‖c(x, y)‖ ≤ tol·(1 + ‖y‖) with tol = 1e-3 at the forward's output.
+    check_conditions: float | None = eqx.field(default=1e-3, static=True)
 
     def __check_init__(self):
-        for name in ("forward", "conditions"):
-            if not callable(getattr(self, name)):
-                raise TypeError(
-                    f"ImplicitFunction: `{name}` must be callable, "
-                    f"got {getattr(self, name)!r}."
-                )
-        if isinstance(self.linear_solver, AbstractPreconditioner):
-            raise TypeError(
-                f"ImplicitFunction: {type(self.linear_solver).__name__} is a "
-                "preconditioner, an approximate inverse: as the `linear_solver` its "
-                "derivatives would be wrong. Pass it as the `preconditioner` of a "
-                "Krylov solver, e.g. GMRES(preconditioner=...)."
-            )
-        if not isinstance(self.linear_solver, AbstractLinearSolver):
-            raise TypeError(
-                "ImplicitFunction: `linear_solver` must be an "
-                f"implicitdiff.AbstractLinearSolver, got {self.linear_solver!r}. "
-                "Wrap a lineax solver as implicitdiff.Lineax(solver)."
-            )
-        if self.on_failure not in ON_FAILURE_CHOICES:
-            raise ValueError(
-                f"ImplicitFunction: `on_failure` must be one of {ON_FAILURE_CHOICES}, "
-                f"got {self.on_failure!r}."
-            )
-        if self.check_conditions is not None and not _is_positive(
-            self.check_conditions
-        ):
-            raise TypeError(
-                "ImplicitFunction: `check_conditions` must be a positive number (the "
-                "tolerance) or None (no check), got "
-                f"{self.check_conditions!r}."
-            )
-        if not isinstance(self.has_byproduct, bool):
-            raise TypeError(
-                f"ImplicitFunction: `has_byproduct` must be a bool, "
-                f"got {self.has_byproduct!r}."
-            )
+        check_callables(forward=self.forward, conditions=self.conditions)
+        check_linear_solver(self.linear_solver)
+        check_options(self.on_failure, self.check_conditions, self.has_byproduct)
 
     def __call__(self, x: PyTree, *args: Any, **kwargs: Any) -> PyTree:
         """Runs the forward.
@@ -164,22 +126,11 @@ class ImplicitFunction(eqx.Module):
         # Eagerly, the errors of on_failure="raise" and of a host forward come out as
         # themselves, not inside a JaxRuntimeError; a host forward runs eagerly anyway.
         eager = self.on_failure == "raise" or is_host_function(self.forward)
-        if eager or not _cacheable((self, x, args, kwargs)):
-            return self._call(site, x, args, kwargs)
-        try:
-            return _compiled_call(self, site, x, args, kwargs)
-        except UNTRACEABLE:  # a NumPy forward, say: it runs eagerly, as before
-            return self._call(site, x, args, kwargs)
+        return call_compiled(self._call, eager, site, x, args, kwargs)
 
     def _call(self, site: CallSite, x, args, kwargs):
         forward, conditions = hoist_closed_over_tracers(
-            self.forward,
-            self.conditions,
-            x,
-            args,
-            kwargs,
-            self._split_output,
-            self.has_byproduct,
+            self.forward, self.conditions, x, args, kwargs, self.has_byproduct
         )
         arrays, static_inputs = eqx.partition(
             (conditions, x, args, kwargs), eqx.is_array
@@ -198,16 +149,18 @@ class ImplicitFunction(eqx.Module):
         def implicit(diff, nondiff, held):
             (conditions, x, args, kwargs), (forward, _, _) = unpack(diff, nondiff, held)
             output = call_forward(forward, x, args, kwargs)
-            y, z = self._split_output(output)
+            y, z = split_output(output, self.has_byproduct)
             y = jax.tree.map(jnp.asarray, y)
+            c = ft.partial(self._conditions, conditions, x, y, z, args, kwargs)
             check_conditions_output(
-                lambda: self._conditions(conditions, x, y, z, args, kwargs),
+                c,
                 y,
                 least_squares=isinstance(self.linear_solver, LeastSquares),
-                output_was_pair=not self.has_byproduct and _is_pair(output),
+                output_was_pair=not self.has_byproduct and is_pair(output),
             )
             if self.check_conditions is not None:
-                y, z = self._verify_solution(conditions, x, y, z, args, kwargs, site)
+                tolerance, policy = self.check_conditions, self.on_failure
+                y, z = verify_solution(c(), y, z, tolerance, policy, self.forward, site)
             out_arrays, out_static = eqx.partition((y, z), eqx.is_array)
             output_static[:] = [out_static]
             return out_arrays
@@ -230,7 +183,7 @@ class ImplicitFunction(eqx.Module):
 
             if not jax.tree.leaves(moving):
                 return out_arrays, jax.tree.map(_zero_tangent, out_arrays)
-            self._warn_ignored_inputs(lambda m: c(m, y), moving, site)
+            warn_if_inputs_ignored(lambda m: c(m, y), moving, self.conditions, site)
             A = _linearise(lambda y: c(moving, y), y)
             _, B = jax.linearize(lambda m: c(m, y), moving)
             B_t = B(t_moving)
@@ -250,85 +203,10 @@ class ImplicitFunction(eqx.Module):
         y, z = eqx.combine(out_arrays, output_static[0])
         return (y, z) if self.has_byproduct else y
 
-    def _split_output(self, output):
-        if not self.has_byproduct:
-            y, z = output, None
-        elif _is_pair(output):
-            y, z = output
-        else:
-            raise TypeError(
-                "ImplicitFunction: with has_byproduct=True, `forward` must return a "
-                f"tuple (y, z); it returned {type(output).__name__}."
-            )
-        leaves = jax.tree.leaves(y)
-        if not leaves or not all(_is_inexact(leaf) for leaf in leaves):
-            hint = (
-                " It returned a tuple of two: if the second element is a byproduct, "
-                "pass has_byproduct=True."
-                if not self.has_byproduct and _is_pair(output)
-                else ""
-            )
-            raise TypeError(
-                "ImplicitFunction: `forward` must return y as a non-empty pytree of "
-                f"floating-point arrays; got {_structure_or_repr(y)}." + hint
-            )
-        return y, z
-
     def _conditions(self, conditions, x, y, z, args, kwargs):
         if self.has_byproduct:
             return conditions(x, y, z, *args, **kwargs)
         return conditions(x, y, *args, **kwargs)
-
-    def _verify_solution(self, conditions, x, y, z, args, kwargs, site):
-        """Applies `on_failure` when ‖c(x, y)‖ > tol·(1 + ‖y‖): a forward that stopped
-        early must not yield outputs or derivatives that look fine. Returns `(y, z)`,
-        every floating leaf NaN on failure."""
-        residual = tree_norm(self._conditions(conditions, x, y, z, args, kwargs))
-        failed = ~(residual <= self.check_conditions * (1 + tree_norm(y)))
-        message = (
-            f"implicitdiff: the output of the forward {name_of(self.forward)} does not "
-            f"satisfy the conditions: ‖c(x, y)‖ > {self.check_conditions:g}·(1 + ‖y‖); "
-            "every output and every derivative is NaN. Make the forward converge "
-            "further, or loosen the check (check_conditions=tol, or None to turn it "
-            "off)."
-        )
-        floats, rest = eqx.partition((y, z), is_inexact_array)
-        floats = apply_policy(floats, failed, self.on_failure, message, site)
-        return eqx.combine(floats, rest)
-
-    def _warn_ignored_inputs(self, c_of_moving: Callable, moving, site) -> None:
-        leaves, treedef = jax.tree.flatten(moving)
-        ignored = unused_inputs(
-            lambda *leaves: c_of_moving(jax.tree.unflatten(treedef, leaves)), leaves
-        )
-        if ignored:
-            names = input_names(moving)
-            warn_ignored_inputs([names[i] for i in ignored], self.conditions, site)
-
-
-@eqx.filter_jit
-def _compiled_call(implicit: ImplicitFunction, site: CallSite, x, args, kwargs):
-    """`implicit._call`, compiled and cached (per function, call site, input
-    structures and shapes), as `jax.jit` does: outside `jit`, a call (and its
-    derivatives) would otherwise re-trace the rule and run it op by op, 10× slower
-    than jaxopt after the first call, and a first call 2-3× slower. Inside `jit` it
-    is one nested call."""
-    return implicit._call(site, x, args, kwargs)
-
-
-def _cacheable(tree) -> bool:
-    """Whether `_compiled_call` should cache on the non-array parts of `tree`: they
-    must hash (a SciPy matrix passed as an argument does not), and hold no Python
-    float, which would be compiled in, once per value (a loop over `f(lam)` with
-    Python floats). Otherwise the call runs eagerly, as it always could."""
-    leaves, treedef = jax.tree.flatten(eqx.filter(tree, eqx.is_array, inverse=True))
-    if any(isinstance(leaf, (float, complex)) for leaf in leaves):
-        return False
-    try:
-        hash((tuple(leaves), treedef))
-    except TypeError:
-        return False
-    return True
 
 
 def _linearise(fn: Callable, y) -> Callable:
@@ -346,18 +224,6 @@ def _linearise(fn: Callable, y) -> Callable:
     _, vjp = jax.vjp(fn, y)
     A_transposed = jax.linear_transpose(lambda u: vjp(u)[0], structure(c))
     return lambda v: A_transposed(v)[0]
-
-
-def _is_positive(value) -> bool:
-    return (
-        isinstance(value, (int, float, np.floating, np.integer))
-        and not isinstance(value, bool)
-        and 0 < value < float("inf")
-    )
-
-
-def _is_pair(output) -> bool:
-    return isinstance(output, tuple) and len(output) == 2
 
 
 def _moving(tangents):
@@ -385,22 +251,10 @@ def _poison_if_nan(y_finite, tangents, rhs, z_dot):
     return jax.tree.map(add, rhs), jax.tree.map(nan_tangent, z_dot)
 
 
-def _is_inexact(leaf) -> bool:
-    dtype = getattr(leaf, "dtype", None)
-    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
-
-
 def _zero_tangent(leaf):
     if jnp.issubdtype(leaf.dtype, jnp.inexact):
         return jnp.zeros_like(leaf)
     return np.zeros(leaf.shape, jax.dtypes.float0)
-
-
-def _structure_or_repr(tree):
-    try:
-        return structure(tree)
-    except Exception:
-        return repr(tree)
 
 
 ImplicitFunction.__init__.__doc__ = """**Arguments:**

@@ -17,6 +17,11 @@ def structure(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
+def name_of(fn) -> str:
+    """The name of a user's function, for messages."""
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
 def ravel(tree: PyTree[Array]) -> Array:
     """Concatenates every leaf of `tree` into one vector."""
     return jfu.ravel_pytree(tree)[0]

@@ -10,7 +10,7 @@ import lineax as lx
 from jax import lax
 from jaxtyping import Array, Bool, PyTree
 
-from . import _solve_log as solve_log
+from . import _solve_record as solve_record
 from ._failure import CallSite, OnFailure, apply_policy
 from ._misc import (
     all_finite,
@@ -98,8 +98,9 @@ def solve_with_presolve(
     that the sparse representation detects and assembles once for both directions).
     The solve and the transpose solve each run the solver's presolve on it (on its
     transpose for the VJP), only in the direction in use and unbatched under `vmap`,
-    as it does not depend on the right-hand side; the `vecmat` that JAX offers to
-    `transpose_solve` is not needed.
+    as it does not depend on the right-hand side. The product JAX hands to each (`A`'s
+    to `solve`, its transpose's to `transpose_solve`) serves only a `SolveLog`'s
+    residual: unlike the operator's `mv`, it takes vectors of any sharding.
 
     Every solution must then pass two checks that do not trust the solver:
 
@@ -122,16 +123,16 @@ def solve_with_presolve(
             f"is NaN."
         )
 
-        def run(_, b):
+        def run(product, b):
             A = operator.transpose() if transpose else operator
-            state, regular, norm_bound = solve_log.presolve(
+            state, regular, norm_bound = solve_record.presolve(
                 solver, A, structure(b), direction
             )
 
             def accept(x):
                 return regular & credible(norm_bound, x, b)
 
-            x = solve_log.solve(solver, state, A, b, direction, accept)
+            x = solve_record.solve(solver, state, product, b, direction, accept)
             failed = ~all_finite(x) & all_finite(b) & operator_finite
             return apply_policy(x, failed, on_failure, message, site)
 

@@ -1,81 +1,24 @@
-"""Hooks through which every linear solve runs, and `SolveLog`, which records them.
+"""`SolveLog`, which shows the linear solves recorded while it is open, and
+`report_solve`, through which solvers tell it how a solve went.
 
-The core calls `presolve` and `solve` below for every linear solve, and solvers call
-`report_solve` from inside their `solve` (iterations, residual, why it failed).
-Outside a `SolveLog` the hooks are plain pass-throughs: they add nothing to the traced
-program, so the default path pays for no host callback at all.
-
-Inside a `SolveLog` they add host callbacks to the traced program:
-
-- four clock readings (`jax.pure_callback`): when the operator is ready, when the
-  presolve is done, when the solve starts, when it is done. Each takes the first
-  element of every array it waits for and hands back a zero that those arrays are
-  then made to depend on: real data dependencies, which is what orders callbacks
-  against the work they time under `jit` (XLA removes `lax.optimization_barrier`s
-  and folds products by zero, so neither can do it);
-- one record (`jax.pure_callback`) whose zero the solution depends on, so that it
-  runs before anything downstream of the solution, notably before an
-  `on_failure="raise"` check aborts the program;
-- one no-op `jax.debug.callback`, whose only job is to give the program an effect, so
-  that `jax.effects_barrier()` (called when the log is read or exited) waits for it.
-
-Under `vmap` (and so under `jacfwd`/`jacrev`) what reaches the callbacks is reduced
-over the batch first (`equinox.internal.unvmap_*`), so one batched solve is one entry,
-never one per right-hand side, and an unbatched presolve stays unbatched. The
-callbacks receive at most one number per system: nothing the size of the state is
-gathered from sharded arrays.
-
-**Which logs get an entry.** The callbacks run on XLA's threads, not the caller's, so
-the caller's logs travel with the program: each thread with open logs holds a small
-integer *slot*, the value of the `_LOGGING` user context (part of the jit cache key),
-staged into the record callback, which appends to the logs open in that slot. A slot is
-held while its thread has a log open and then reused, so a jitted function is traced
-once per concurrently logging thread, never once per log.
+What a log adds to the traced program, and how the solves of a thread reach its open
+logs, is in `_solve_record.py`; this module only opens and closes logs and presents
+what they hold.
 """
 
 import dataclasses
-import functools
-import threading
-import time
 from collections.abc import Iterator, Mapping
 from typing import Literal
 
-import equinox as eqx
-import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
-import lineax as lx
-import numpy as np
-from jax.custom_batching import custom_vmap
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._misc import all_finite, nan_unless, ravel, size, structure, unravel
-
-# Part of every jit cache key (and of JAX's inner tracing caches): a function traced
-# with no log active has no callbacks in its program, so entering a log must give a
-# cache miss and a fresh trace. `jax.make_user_context` (public since JAX 0.7.2) is
-# made for this; the alternative, documenting that functions must be traced inside
-# the log, would silently record nothing for the common `jit` outside / call inside.
-# Its value is the calling thread's slot (None: no log open), not a log: the logs of a
-# slot share one trace, and the callbacks look them up when they run. Thread-local,
-# as every JAX context. Created at import, never inside a trace, so that it is part of
-# every key from the start.
-_LOGGING = jax.make_user_context(None)
-
-_slots: dict[int, list["SolveLog"]] = {}  # slot -> its thread's open logs
-_slots_lock = threading.Lock()  # the callbacks read `_slots` from XLA's threads
-_thread = threading.local()  # this thread's slot and the context that set it
-_tracing = threading.local()  # what `report_solve` noted while a `solve` is traced
-
-# Ticks are microseconds modulo 2³¹: an int32 is exact with or without x64, and
-# differences modulo 2³¹ are right for any solve shorter than 35 minutes.
-_TICK_MODULUS = 2**31
+from ._solve_record import REASONS, current_report, start_recording, stop_recording
 
 Status = Literal[
     "converged", "not converged", "breakdown", "singular", "non-finite input", "failed"
 ]
-# What a solver may report as the reason for a NaN solution; code = index + 1 (0: none).
-_REASONS = ("not converged", "breakdown", "singular", "non-finite input")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +40,8 @@ class SolveLogEntry:
         [`implicitdiff.report_solve`][]; `None` for a solver that reports none
         (direct solvers).
     - `residual`: the largest relative residual `‖b − A x‖ / ‖b‖` (`‖b − A x‖` when
-        `b = 0`), computed by the log with one extra product by `A`; NaN when the
+        `b = 0`), computed by the log with one extra product by `A` (by the
+        linearised conditions themselves, not by an assembled matrix); NaN when the
         solution is NaN.
     - `solver_residual`: the largest final residual the solver reported through
         `report_solve`, as the solver measures it (the Krylov solvers: `‖b − A x‖/‖b‖`
@@ -186,16 +130,13 @@ class SolveLog:
     # Not an `equinox.Module`: a mutable recorder that lives on the host, never a
     # pytree that JAX traces.
     def __init__(self):
-        self._entries: list[SolveLogEntry] = []
+        self._records: list[dict] = []  # appended to by the record callbacks
         self._open = False
 
     def __enter__(self) -> "SolveLog":
         if self._open:
             raise RuntimeError("SolveLog: this log is already active.")
-        if not hasattr(_thread, "slot"):
-            _open_slot()
-        with _slots_lock:
-            _slots[_thread.slot].append(self)
+        start_recording(self._records)
         self._open = True
         return self
 
@@ -203,19 +144,15 @@ class SolveLog:
         try:
             jax.effects_barrier()
         finally:
-            with _slots_lock:
-                logs = _slots[_thread.slot]
-                logs.remove(self)
+            stop_recording(self._records)
             self._open = False
-            if not logs:
-                _close_slot()
 
     @property
     def entries(self) -> list[SolveLogEntry]:
         """The recorded solves, oldest first (a copy)."""
         if self._open:
             jax.effects_barrier()
-        return list(self._entries)
+        return [SolveLogEntry(**fields) for fields in list(self._records)]
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -234,93 +171,6 @@ class SolveLog:
 
 
 SolveLog.__init__.__doc__ = """**Arguments:** none. Use it as a context manager."""
-
-
-def _open_slot() -> None:
-    """Gives this thread the smallest free slot and makes it the `_LOGGING` value."""
-    with _slots_lock:
-        slot = next(i for i in range(len(_slots) + 1) if i not in _slots)
-        _slots[slot] = []
-    _thread.slot, _thread.context = slot, _LOGGING(slot)
-    _thread.context.__enter__()
-
-
-def _close_slot() -> None:
-    context = _thread.context
-    with _slots_lock:
-        del _slots[_thread.slot]
-    del _thread.slot, _thread.context
-    context.__exit__(None, None, None)
-
-
-def presolve(solver, operator, y_structure, direction):
-    """Runs `solver.presolve`, `solver.certify` and `solver.norm_bound` (part of the
-    presolve: once per linearisation point); records their time when a `SolveLog` is
-    active. Returns the state for `solve`, the certificate and the bound of `‖A‖∞`."""
-    if _LOGGING.value is None:
-        state = solver.presolve(operator, y_structure)
-        return state, *_certificate(solver, state, operator)
-    operator, start = _tick_after(operator)
-    state = solver.presolve(operator, y_structure)
-    (state, certificate), end = _tick_after(
-        (state, _certificate(solver, state, operator))
-    )
-    return _TimedState(state, start, end), *certificate
-
-
-def _certificate(solver, state, operator):
-    return solver.certify(state, operator), solver.norm_bound(state, operator)
-
-
-def solve(solver, state, operator, b, direction, accept):
-    """Runs `solver.solve`, then `accept(x)` (the caller's checks, a boolean scalar),
-    and returns `x` where accepted, else all NaN; records the solve when a `SolveLog`
-    is active."""
-    if not isinstance(state, _TimedState):
-        x = solver.solve(state, b)
-        return nan_unless(accept(x), x)
-    (inner, b), start = _tick_after((state.state, b))
-    report = _Report()
-    _reports().append(report)
-    try:
-        x_solver = solver.solve(inner, b)
-    finally:
-        _reports().pop()
-    x = nan_unless(accept(x_solver), x_solver)
-    x, end = _tick_after(x)
-    batch = _systems(_probe(x))
-    info = (_solver_name(solver), direction.split()[0], size(b), _dtype_name(b))
-    ticks = (state.start, state.end, start, end)
-    done = _record_when_run(
-        info, ticks, batch, report, all_finite(x_solver), operator, x, b
-    )
-    return _after(x, done)
-
-
-def _record_when_run(info, ticks, batch, report, solver_finite, operator, x, b):
-    """Stages the callback that appends this solve's entry to the logs of the calling
-    thread's slot, with everything reduced over the `vmap` axes; returns its (opaque,
-    zero) result. `solver_finite`: whether the solver's own answer was finite, before
-    the library's checks."""
-    x_finite = all_finite(x)
-    residual, operator_finite = _residual(operator, x, b, x_finite)
-    bad_input = ~all_finite(b) | (~x_finite & ~operator_finite)
-    failed = ~x_finite & ~bad_input
-    done = jax.pure_callback(
-        functools.partial(_record, _LOGGING.value, info, report.reported()),
-        jax.ShapeDtypeStruct((), jnp.int32),
-        ticks,
-        batch,
-        eqxi.unvmap_max(report.get("iterations", jnp.int32(-1))),
-        eqxi.unvmap_max(residual),
-        eqxi.unvmap_max(report.get("residual", jnp.float32(jnp.nan))),
-        eqxi.unvmap_max(report.get("reason", jnp.int32(0))),
-        eqxi.unvmap_any(bad_input),
-        eqxi.unvmap_any(failed),
-        eqxi.unvmap_any(failed & solver_finite),
-    )
-    jax.debug.callback(_completed, done)
-    return done
 
 
 def report_solve(
@@ -379,183 +229,29 @@ def report_solve(
         ```
     """
     reason = None if status is None else _reason_code(status)
-    reports = _reports()
-    if not reports:
+    report = current_report()
+    if report is None:
         return
     values = {"iterations": iterations, "residual": residual, "reason": reason}
     for name, value in values.items():
         if value is not None:
-            reports[-1][name] = jnp.asarray(value)
+            report[name] = jnp.asarray(value)
 
 
 def _reason_code(status) -> Int[Array, ""]:
-    """The code of a reported failure reason (index + 1 in `_REASONS`); checks the
+    """The code of a reported failure reason (index + 1 in `REASONS`); checks the
     names when tracing, with or without a log."""
     flags = {status: True} if isinstance(status, str) else dict(status)
-    unknown = [name for name in flags if name not in _REASONS]
+    unknown = [name for name in flags if name not in REASONS]
     if unknown:
         raise ValueError(
             f"implicitdiff.report_solve: unknown status {unknown[0]!r}; expected one "
-            f"of {_REASONS}."
+            f"of {REASONS}."
         )
     code = jnp.zeros((), jnp.int32)
     for name, flag in reversed(flags.items()):  # the first true flag wins
-        code = jnp.where(flag, _REASONS.index(name) + 1, code)
+        code = jnp.where(flag, REASONS.index(name) + 1, code)
     return code
-
-
-class _Report(dict):
-    """What `report_solve` noted during one traced `solve`: name -> traced value."""
-
-    def reported(self) -> tuple[bool, bool]:
-        """Whether iterations and a residual were reported (static, for the record)."""
-        return "iterations" in self, "residual" in self
-
-
-class _TimedState(eqx.Module):
-    """The solver's state with the presolve's start and end ticks."""
-
-    state: PyTree
-    start: Array
-    end: Array
-
-
-def _reports() -> list[_Report]:
-    if not hasattr(_tracing, "reports"):
-        _tracing.reports = []
-    return _tracing.reports
-
-
-def _tick_after(tree):
-    """Reads the clock on the host once `tree` is computed, and returns `tree` again,
-    now computed only after the clock was read (so that what follows is timed from
-    there), with the clock reading.
-
-    XLA drops `optimization_barrier`s and folds products by zero, so the dependencies
-    are real ones: the callback takes the first element of every leaf (reduced over
-    the `vmap` axes, so that an unbatched operator or presolve state stays unbatched
-    and one batched solve reads the clock once), and returns a zero that XLA cannot
-    see through, subtracted from the first element of every leaf.
-    """
-    # JAX arrays only: NumPy leaves are trace-time constants, with nothing to wait for,
-    # and a host solver may need them concrete.
-    arrays, static = eqx.partition(tree, lambda leaf: isinstance(leaf, jax.Array))
-    probe = eqxi.unvmap_max(_probe(arrays))
-    tick, zero = jax.pure_callback(_read_clock, (_INT32, _INT32), probe)
-    return eqx.combine(_after(arrays, zero), static), tick
-
-
-@custom_vmap
-def _systems(token):
-    """The number of systems solved together: the product of the `vmap` axes along
-    which `token` is batched (1 without `vmap`), known when tracing."""
-    return jnp.ones((), jnp.int32)
-
-
-@_systems.def_vmap
-def _systems_vmap(axis_size, in_batched, token):
-    (batched,) = in_batched
-    return _systems(token[0] if batched else token) * axis_size, False
-
-
-_INT32 = jax.ShapeDtypeStruct((), jnp.int32)
-
-
-def _probe(arrays):
-    """A scalar that needs the first element of every leaf of `arrays`."""
-    firsts = [
-        jnp.real(leaf[_origin(leaf)]).astype(jnp.float32)
-        for leaf in jax.tree.leaves(arrays)
-        if leaf.size
-    ]
-    return sum(firsts, jnp.zeros((), jnp.float32))
-
-
-def _after(arrays, zero):
-    """`arrays`, made to depend on `zero` (the opaque result of a callback, always 0):
-    `zero` is subtracted from the first element of every leaf, which changes nothing
-    (`v − 0 = v`, for `v = −0` and NaN too) and costs a one-element update."""
-
-    def depend(leaf):
-        if not leaf.size or leaf.dtype == jnp.bool_:
-            return leaf
-        origin = _origin(leaf)
-        return leaf.at[origin].set(leaf[origin] - zero.astype(leaf.dtype))
-
-    return jax.tree.map(depend, arrays)
-
-
-def _origin(leaf) -> tuple[int, ...]:
-    """The index of the first element; no reshape, which could reshard."""
-    return (0,) * leaf.ndim
-
-
-def _read_clock(probe):
-    now = (time.perf_counter_ns() // 1000) % _TICK_MODULUS
-    return np.int32(now), np.zeros((), np.int32)
-
-
-def _residual(operator, x, b, x_finite):
-    """`‖b − A x‖ / ‖b‖` (NaN for a non-finite `x`), and whether `A` is finite, with
-    one product by `A`: of `x` when it is finite, else of `b` (the systems solved here
-    are square), whose non-finite product means a non-finite `A`, so that NaN in, NaN
-    out is not blamed on the solver."""
-    b_flat, x_flat = ravel(b), ravel(x)
-    if b_flat.shape == x_flat.shape:
-        x_flat = jnp.where(x_finite, x_flat, b_flat.astype(x_flat.dtype))
-    product = ravel(operator.mv(unravel(x_flat, structure(x)))).astype(b_flat.dtype)
-    r_norm = jnp.linalg.norm(b_flat - product)
-    b_norm = jnp.linalg.norm(b_flat)
-    relative = jnp.where(b_norm > 0, r_norm / jnp.where(b_norm > 0, b_norm, 1), r_norm)
-    return jnp.where(x_finite, relative, jnp.nan), jnp.all(jnp.isfinite(product))
-
-
-def _record(slot, info, reported, ticks, batch, iterations, residual, *rest):
-    solver_residual, reason, bad_input, failed, rejected = rest
-    solver, direction, n, dtype = info
-    has_iterations, has_residual = reported
-    pre_start, pre_end, start, end = (int(t) for t in ticks)
-    if failed:
-        status = _REASONS[reason - 1] if reason else None
-        status = status or ("singular" if rejected else "failed")
-    else:
-        status = "non-finite input" if bad_input else "converged"
-    entry = SolveLogEntry(
-        solver=solver,
-        direction=direction,
-        size=n,
-        dtype=dtype,
-        batch=int(batch),
-        iterations=int(iterations) if has_iterations else None,
-        residual=float(residual),
-        solver_residual=float(solver_residual) if has_residual else None,
-        status=status,
-        presolve_time=((pre_end - pre_start) % _TICK_MODULUS) * 1e-6,
-        solve_time=((end - start) % _TICK_MODULUS) * 1e-6,
-    )
-    with _slots_lock:
-        for log in _slots.get(slot, ()):
-            log._entries.append(entry)
-    return np.zeros((), np.int32)
-
-
-def _completed(done):
-    """Does nothing: being an effect makes `jax.effects_barrier()` wait for it."""
-
-
-def _solver_name(solver) -> str:
-    """`Lineax(GMRES)` (the wrapped solver), `SciPy(splu)` (the method), `Direct`."""
-    inner = getattr(solver, "solver", None)
-    method = getattr(solver, "method", None)
-    if isinstance(inner, lx.AbstractLinearSolver):
-        return f"{type(solver).__name__}({type(inner).__name__})"
-    if isinstance(method, str):
-        return f"{type(solver).__name__}({method})"
-    return type(solver).__name__
-
-
-def _dtype_name(tree) -> str:
-    return str(jnp.result_type(*jax.tree.leaves(tree)))
 
 
 _COLUMNS = (

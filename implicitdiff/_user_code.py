@@ -1,17 +1,18 @@
 """The user's side of the implicit rule: calling `forward` and `conditions`, making
-the tracers they close over explicit, checking what they return, and errors and
-warnings that name the fix. The rule itself (`_implicit_function.py`) only calls in."""
+the tracers they close over explicit, and errors and warnings that name the fix. The
+rule itself (`_implicit_function.py`) only calls in; `_validation.py` checks what
+the user's functions return."""
 
 import types
 from collections.abc import Callable
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 from ._failure import CallSite
-from ._misc import structure, tracing
+from ._misc import name_of, tracing
+from ._validation import split_output
 
 # Raised when code converts a tracer to a Python or NumPy value: the forward is NumPy
 # or SciPy (or branches on its inputs in Python) and cannot run under a transform.
@@ -39,10 +40,6 @@ class Precomputed(eqx.Module):
 
     def __call__(self, *args, **kwargs):
         return self.output
-
-
-def name_of(fn) -> str:
-    return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
 def has_tracers(tree) -> bool:
@@ -80,7 +77,6 @@ def hoist_closed_over_tracers(
     x,
     args,
     kwargs,
-    split_output: Callable,
     has_byproduct: bool,
 ) -> tuple[Callable, Callable]:
     """Makes the tracers that `forward` and `conditions` close over explicit.
@@ -112,7 +108,7 @@ def hoist_closed_over_tracers(
             return forward, _try_convert(conditions, x, (x, x), args, kwargs, False)
         forward = Precomputed(call_forward(forward, x, args, kwargs))
         output_structure = forward.output
-    y_and_z = split_output(output_structure)
+    y_and_z = split_output(output_structure, has_byproduct)
     return forward, _try_convert(conditions, x, y_and_z, args, kwargs, has_byproduct)
 
 
@@ -144,7 +140,31 @@ def _may_close_over_tracers(fn) -> bool:
     return has_tracers((fn.__defaults__, fn.__kwdefaults__))
 
 
-def unused_inputs(fn: Callable, leaves: list) -> list[int]:
+def warn_if_inputs_ignored(
+    c_of_moving: Callable, moving, conditions, site: CallSite
+) -> None:
+    """Warns, once per call site, when differentiated inputs `moving` (a pytree
+    `(conditions, x, args, kwargs)`) do not reach the conditions `c_of_moving(moving)`:
+    their derivative is zero by construction."""
+    leaves, treedef = jax.tree.flatten(moving)
+    ignored = _unused_inputs(
+        lambda *leaves: c_of_moving(jax.tree.unflatten(treedef, leaves)), leaves
+    )
+    if not ignored:
+        return
+    names = _input_names(moving)
+    site.warn(
+        f"implicitdiff: the conditions {name_of(conditions)} do not depend on the "
+        f"differentiated input(s) {', '.join(names[i] for i in ignored)}: by the "
+        "implicit function theorem their derivative is zero, whatever the forward "
+        "does with them. If that is meant (an initial guess, a tolerance), pass them "
+        "through jax.lax.stop_gradient or close over them in the forward; otherwise "
+        "the conditions are missing a dependence.",
+        UserWarning,
+    )
+
+
+def _unused_inputs(fn: Callable, leaves: list) -> list[int]:
     """The indices of `leaves` that `fn(*leaves)` does not use at all (found in its
     jaxpr at trace time: no equation and no output reads them)."""
     jaxpr = jax.make_jaxpr(fn)(*leaves).jaxpr
@@ -157,21 +177,7 @@ def _is_var(v) -> bool:
     return isinstance(v, jex_core.Var) and not isinstance(v, jex_core.Literal)
 
 
-def warn_ignored_inputs(names: list[str], conditions, site: CallSite) -> None:
-    """Warns, once per call site, that differentiated inputs do not reach the
-    conditions: their derivative is zero by construction."""
-    site.warn(
-        f"implicitdiff: the conditions {name_of(conditions)} do not depend on the "
-        f"differentiated input(s) {', '.join(names)}: by the implicit function "
-        "theorem their derivative is zero, whatever the forward does with them. If "
-        "that is meant (an initial guess, a tolerance), pass them through "
-        "jax.lax.stop_gradient or close over them in the forward; otherwise the "
-        "conditions are missing a dependence.",
-        UserWarning,
-    )
-
-
-def input_names(diff) -> list[str]:
+def _input_names(diff) -> list[str]:
     """Readable names of the leaves of `diff = (conditions, x, args, kwargs)`."""
     roots = ("conditions", "x", "args", "kwargs")
     names = []
@@ -179,42 +185,3 @@ def input_names(diff) -> list[str]:
         root, rest = roots[path[0].idx], jax.tree_util.keystr(path[1:])
         names.append(root + rest)
     return names
-
-
-def check_conditions_output(
-    conditions_fn: Callable, y, least_squares: bool, output_was_pair: bool
-) -> None:
-    """Raises at trace time when `c` cannot pair with `y`, and adds a hint to an
-    exception raised by the conditions themselves."""
-    try:
-        c_struct = jax.eval_shape(conditions_fn)
-    except Exception as error:
-        if output_was_pair:
-            error.add_note(
-                "(implicitdiff: the forward returned a tuple of two: if the second "
-                "element is a byproduct, pass has_byproduct=True to ImplicitFunction, "
-                "so that y is the first and the conditions receive (x, y, z, *args))"
-            )
-        raise
-    y_struct = structure(y)
-    c_leaves, y_leaves = jax.tree.leaves(c_struct), jax.tree.leaves(y_struct)
-    if least_squares:
-        same = all(jnp.issubdtype(leaf.dtype, jnp.inexact) for leaf in c_leaves)
-    else:
-        same = jax.tree.structure(c_struct) == jax.tree.structure(y_struct) and all(
-            a.shape == b.shape and a.dtype == b.dtype
-            for a, b in zip(c_leaves, y_leaves, strict=True)
-        )
-    if not same:
-        hint = (
-            " The forward returned a tuple of two: if the second element is a "
-            "byproduct, pass has_byproduct=True."
-            if output_was_pair
-            else ""
-        )
-        raise ValueError(
-            "ImplicitFunction: `conditions` must return c with the same pytree "
-            "structure, shapes and dtypes as y (a square system); "
-            f"y is {y_struct} but c is {c_struct}. "
-            "For more conditions than unknowns use linear_solver=LeastSquares()." + hint
-        )

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 import implicitdiff as idf
 
@@ -114,6 +114,8 @@ def logged(fn, reference, sharding, *args):
         "vs_unlogged": largest((out, reference)),
         "entries": len(log),
         "statuses": sorted({entry.status for entry in log}),
+        "batches": [entry.batch for entry in log],
+        "residual": max(entry.residual for entry in log),
     }
 
 
@@ -136,6 +138,28 @@ def batch_case(policy, X, X_sharded, sharding):
     result["collectives"] += found_y + found_t
     result["logged"] = logged(jacobian, J, sharding, X_sharded)
     return result
+
+
+def explicit_case(X):
+    """The batch on a mesh whose axis is `Explicit` (types carry the sharding), as in
+    tests/distributed_script.py, with and without a SolveLog, for both derivative
+    directions and both dense representations."""
+    mesh = jax.make_mesh((DEVICES,), ("batch",), axis_types=(AxisType.Explicit,))
+    sharding = NamedSharding(mesh, P("batch"))
+    X_sharded = jax.device_put(X, sharding)
+    results = {}
+    for representation in ("operator", "matrix"):
+        f = idf.ImplicitFunction(
+            batch_forward, batch_conditions, representation=representation
+        )
+        for name, jacobian in [("jacrev", jax.jacrev(f)), ("jacfwd", jax.jacfwd(f))]:
+            batched = jax.vmap(jacobian)
+            J, _ = run_sharded(batched, X_sharded)
+            results[f"{representation}-{name}"] = {
+                "vs_one_device": largest((J, jax.jit(batched)(X))),
+                "logged": logged(batched, J, sharding, X_sharded),
+            }
+    return results
 
 
 def field_case(solver, policy, with_log, x, x_sharded, sharding, reference):
@@ -176,6 +200,7 @@ def main():
             policy: batch_case(policy, X_one, X_sharded, batch_sharding)
             for policy in POLICIES
         },
+        "explicit": explicit_case(X_one),
         "field": {
             f"{type(solver).__name__}-{policy}": field_case(
                 solver, policy, with_log, x_one, x_sharded, field_sharding, reference

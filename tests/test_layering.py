@@ -12,9 +12,12 @@ LAYERS = (
     ("public API", ("implicitdiff", "conditions", "projections", "prox")),
     ("ready-made problems", ("_argmin", "_conditions", "_projections", "_prox")),
     ("implicit rule", ("_implicit_function", "_linear_solve")),
-    ("solve mechanism, user code", ("_solve", "_user_code")),
+    ("solve mechanism, user code", ("_solve", "_calling", "_user_code", "_validation")),
     ("solvers, representations", ("_solvers", "_sparse", "_representation", "_host")),
-    ("diagnostics, policies", ("_solve_log", "_failure")),
+    (
+        "diagnostics, policies",
+        ("_solve_log", "_solve_record", "_solve_clock", "_failure"),
+    ),
     ("helpers", ("_misc",)),
 )
 

@@ -90,6 +90,22 @@ def test_solve_log_on_sharded_inputs_records_without_gathering(
 
 
 @pytest.mark.parametrize(
+    "case", ["operator-jacrev", "operator-jacfwd", "matrix-jacrev", "matrix-jacfwd"]
+)
+def test_solve_log_on_an_explicit_mesh(report, case):
+    # The log's residual once went through the operator's closure-converted product,
+    # which rejects vectors whose type carries an explicit sharding, and its batch
+    # count sliced the sharded batch axis: both raised.
+    result = report["explicit"][case]
+    assert result["vs_one_device"] <= 1e-12
+    logged = result["logged"]
+    assert logged["statuses"] == ["converged"] and logged["batches"] == [8 * 3]
+    assert logged["residual"] <= 1e-12
+    assert logged["vs_unlogged"] == 0.0
+    assert all(logged["sharded"])
+
+
+@pytest.mark.parametrize(
     "group, case, reference_tolerance",
     [
         ("batch", "nan", 1e-12),  # dense NumPy Jacobians

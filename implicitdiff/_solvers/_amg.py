@@ -9,18 +9,15 @@ from .._misc import result_dtype
 from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
 from ._host_certificate import host_certify, m_matrix_is_credible, probe_is_credible
-from ._krylov import check_tolerances, default_rtol
-from ._on_host import (
-    HostMethod,
+from ._host_helpers import (
     check_hashable,
     csr_nbytes,
     freeze,
-    host_presolve,
-    host_solve,
     iterate_to_tolerance,
-    nan_like,
     thaw,
 )
+from ._krylov import check_tolerances, default_rtol
+from ._on_host import HostMethod, host_presolve, host_solve, nan_like
 from ._preconditioner import AbstractPreconditioner
 
 _SETUPS = ("ruge_stuben", "smoothed_aggregation")

@@ -10,17 +10,15 @@ from .._misc import singular_threshold
 from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
 from ._host_certificate import host_certify
-from ._krylov import check_tolerances, default_rtol
-from ._on_host import (
-    HostMethod,
+from ._host_helpers import (
     check_hashable,
     csr_nbytes,
     freeze,
-    host_presolve,
-    host_solve,
     iterate_to_tolerance,
     thaw,
 )
+from ._krylov import check_tolerances, default_rtol
+from ._on_host import HostMethod, host_presolve, host_solve
 
 DIRECT_METHODS = ("spsolve", "splu")
 ITERATIVE_METHODS = ("cg", "gmres", "bicgstab", "minres", "lgmres", "gcrotmk", "qmr")

@@ -1,0 +1,175 @@
+"""Checks on what the user hands to `ImplicitFunction` and on what their functions
+return: the module's fields, the forward's output `y` (and byproduct `z`), the
+structure of the conditions' output `c`, and whether `y` solves the conditions. Each
+error names the fix. The rule (`_implicit_function.py`) only calls in."""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import PyTree
+
+from ._failure import ON_FAILURE_CHOICES, CallSite, OnFailure, apply_policy
+from ._misc import is_inexact_array, name_of, structure, tree_norm
+from ._solvers._base import AbstractLinearSolver
+from ._solvers._preconditioner import AbstractPreconditioner
+
+
+def check_callables(**functions) -> None:
+    """Raises when one of `functions` (by name) is not callable."""
+    for name, fn in functions.items():
+        if not callable(fn):
+            raise TypeError(f"ImplicitFunction: `{name}` must be callable, got {fn!r}.")
+
+
+def check_linear_solver(linear_solver) -> None:
+    """Raises for a preconditioner or a lineax solver, naming the fix."""
+    if isinstance(linear_solver, AbstractPreconditioner):
+        raise TypeError(
+            f"ImplicitFunction: {type(linear_solver).__name__} is a "
+            "preconditioner, an approximate inverse: as the `linear_solver` its "
+            "derivatives would be wrong. Pass it as the `preconditioner` of a "
+            "Krylov solver, e.g. GMRES(preconditioner=...)."
+        )
+    if not isinstance(linear_solver, AbstractLinearSolver):
+        raise TypeError(
+            "ImplicitFunction: `linear_solver` must be an "
+            f"implicitdiff.AbstractLinearSolver, got {linear_solver!r}. "
+            "Wrap a lineax solver as implicitdiff.Lineax(solver)."
+        )
+
+
+def check_options(on_failure, check_conditions, has_byproduct) -> None:
+    """Raises for an unknown policy, a tolerance that is not positive, or a
+    `has_byproduct` that is not a bool."""
+    if on_failure not in ON_FAILURE_CHOICES:
+        raise ValueError(
+            f"ImplicitFunction: `on_failure` must be one of {ON_FAILURE_CHOICES}, "
+            f"got {on_failure!r}."
+        )
+    if check_conditions is not None and not _is_positive(check_conditions):
+        raise TypeError(
+            "ImplicitFunction: `check_conditions` must be a positive number (the "
+            f"tolerance) or None (no check), got {check_conditions!r}."
+        )
+    if not isinstance(has_byproduct, bool):
+        raise TypeError(
+            f"ImplicitFunction: `has_byproduct` must be a bool, got {has_byproduct!r}."
+        )
+
+
+def split_output(output, has_byproduct: bool) -> tuple[PyTree, PyTree]:
+    """The forward's output as `(y, z)` (`z = None` without a byproduct); raises
+    when `y` is not a non-empty pytree of floating-point arrays (or structures)."""
+    if not has_byproduct:
+        y, z = output, None
+    elif is_pair(output):
+        y, z = output
+    else:
+        raise TypeError(
+            "ImplicitFunction: with has_byproduct=True, `forward` must return a "
+            f"tuple (y, z); it returned {type(output).__name__}."
+        )
+    leaves = jax.tree.leaves(y)
+    if not leaves or not all(_is_inexact(leaf) for leaf in leaves):
+        hint = (
+            " It returned a tuple of two: if the second element is a byproduct, "
+            "pass has_byproduct=True."
+            if not has_byproduct and is_pair(output)
+            else ""
+        )
+        raise TypeError(
+            "ImplicitFunction: `forward` must return y as a non-empty pytree of "
+            f"floating-point arrays; got {_structure_or_repr(y)}." + hint
+        )
+    return y, z
+
+
+def is_pair(output) -> bool:
+    return isinstance(output, tuple) and len(output) == 2
+
+
+def check_conditions_output(
+    conditions_fn: Callable, y, least_squares: bool, output_was_pair: bool
+) -> None:
+    """Raises at trace time when `c` cannot pair with `y`, and adds a hint to an
+    exception raised by the conditions themselves."""
+    try:
+        c_struct = jax.eval_shape(conditions_fn)
+    except Exception as error:
+        if output_was_pair:
+            error.add_note(
+                "(implicitdiff: the forward returned a tuple of two: if the second "
+                "element is a byproduct, pass has_byproduct=True to ImplicitFunction, "
+                "so that y is the first and the conditions receive (x, y, z, *args))"
+            )
+        raise
+    y_struct = structure(y)
+    c_leaves, y_leaves = jax.tree.leaves(c_struct), jax.tree.leaves(y_struct)
+    if least_squares:
+        same = all(jnp.issubdtype(leaf.dtype, jnp.inexact) for leaf in c_leaves)
+    else:
+        same = jax.tree.structure(c_struct) == jax.tree.structure(y_struct) and all(
+            a.shape == b.shape and a.dtype == b.dtype
+            for a, b in zip(c_leaves, y_leaves, strict=True)
+        )
+    if not same:
+        hint = (
+            " The forward returned a tuple of two: if the second element is a "
+            "byproduct, pass has_byproduct=True."
+            if output_was_pair
+            else ""
+        )
+        raise ValueError(
+            "ImplicitFunction: `conditions` must return c with the same pytree "
+            "structure, shapes and dtypes as y (a square system); "
+            f"y is {y_struct} but c is {c_struct}. "
+            "For more conditions than unknowns use linear_solver=LeastSquares()." + hint
+        )
+
+
+def verify_solution(
+    c: PyTree,
+    y: PyTree,
+    z: PyTree,
+    tolerance: float,
+    on_failure: OnFailure,
+    forward: Callable,
+    site: CallSite,
+) -> tuple[PyTree, PyTree]:
+    """Applies `on_failure` when ‖c(x, y)‖ > tol·(1 + ‖y‖): a forward that stopped
+    early must not yield outputs or derivatives that look fine. Returns `(y, z)`,
+    every floating leaf NaN on failure."""
+    failed = ~(tree_norm(c) <= tolerance * (1 + tree_norm(y)))
+    message = (
+        f"implicitdiff: the output of the forward {name_of(forward)} does not "
+        f"satisfy the conditions: ‖c(x, y)‖ > {tolerance:g}·(1 + ‖y‖); "
+        "every output and every derivative is NaN. Make the forward converge "
+        "further, or loosen the check (check_conditions=tol, or None to turn it "
+        "off)."
+    )
+    floats, rest = eqx.partition((y, z), is_inexact_array)
+    floats = apply_policy(floats, failed, on_failure, message, site)
+    return eqx.combine(floats, rest)
+
+
+def _is_positive(value) -> bool:
+    return (
+        isinstance(value, (int, float, np.floating, np.integer))
+        and not isinstance(value, bool)
+        and 0 < value < float("inf")
+    )
+
+
+def _is_inexact(leaf) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+
+
+def _structure_or_repr(tree):
+    try:
+        return structure(tree)
+    except Exception:
+        return repr(tree)
