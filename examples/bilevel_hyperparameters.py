@@ -14,6 +14,7 @@ beat the best single penalty shared by all features on held-out data.
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
+import matplotlib.ticker as ticker
 import numpy as np
 import optax
 from _common import QUICK, Checks, save_figure
@@ -174,7 +175,12 @@ def main():
         ylabel="learned log-penalty θⱼ",
         title="Learned penalties",
     )
-    save_figure(fig, "bilevel_hyperparameters")
+    ax1.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # features count
+    save_figure(
+        fig,
+        "bilevel_hyperparameters",
+        {"features": N_FEATURES, "informative": N_INFORMATIVE},
+    )
     checks.finish()
 
 

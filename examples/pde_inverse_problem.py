@@ -21,6 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
+import matplotlib.ticker as ticker
 import numpy as np
 import scipy.optimize
 from _common import QUICK, Checks, save_figure
@@ -197,7 +198,12 @@ def main():
         ax.set(xticks=[], yticks=[])
     axes[3].plot(history)
     axes[3].set(title="objective", xlabel="evaluation (forward + adjoint)")
-    save_figure(fig, "pde_inverse_problem")
+    axes[3].xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    save_figure(
+        fig,
+        "pde_inverse_problem",
+        {"grid": N, "noise": NOISE, "relative_error": round(error, 2)},
+    )
     checks.finish()
 
 
