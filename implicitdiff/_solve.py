@@ -132,8 +132,10 @@ def solve_with_presolve(
             def accept(x):
                 return regular & credible(norm_bound, x, b)
 
-            x = solve_record.solve(solver, state, product, b, direction, accept)
-            failed = ~all_finite(x) & all_finite(b) & operator_finite
+            x, accepted = solve_record.solve(
+                solver, state, product, b, direction, accept
+            )
+            failed = ~accepted & all_finite(b) & operator_finite
             return apply_policy(x, failed, on_failure, message, site)
 
         return run

@@ -149,11 +149,13 @@ def _certificate(solver, state, operator):
 
 def solve(solver, state, product: Callable, b, direction, accept):
     """Runs `solver.solve`, then `accept(x)` (the caller's checks, a boolean scalar),
-    and returns `x` where accepted, else all NaN; records the solve when a `SolveLog`
-    is active, with the residual of `product` (`v ↦ A v`, the system solved)."""
+    and returns `x` where accepted, else all NaN, and whether it was accepted; records
+    the solve when a `SolveLog` is active, with the residual of `product` (`v ↦ A v`,
+    the system solved)."""
     if not isinstance(state, _TimedState):
         x = solver.solve(state, b)
-        return nan_unless(accept(x), x)
+        accepted = accept(x)
+        return nan_unless(accepted, x), accepted
     (inner, b), start = tick_after((state.state, b))
     report = Report()
     _reports().append(report)
@@ -161,7 +163,8 @@ def solve(solver, state, product: Callable, b, direction, accept):
         x_solver = solver.solve(inner, b)
     finally:
         _reports().pop()
-    x = nan_unless(accept(x_solver), x_solver)
+    accepted = accept(x_solver)
+    x = nan_unless(accepted, x_solver)
     x, end = tick_after(x)
     batch = _systems(probe(x))
     info = (_solver_name(solver), direction.split()[0], size(b), _dtype_name(b))
@@ -169,7 +172,7 @@ def solve(solver, state, product: Callable, b, direction, accept):
     done = _record_when_run(
         info, ticks, batch, report, all_finite(x_solver), product, x, b
     )
-    return after(x, done)
+    return after(x, done), accepted
 
 
 def _record_when_run(info, ticks, batch, report, solver_finite, product, x, b):
