@@ -18,9 +18,13 @@ _SLOWEST_FIRST = [
     "test_trust.py",
     "test_implicit_function.py",
     "test_sparse_representation.py",
-    "test_sharding.py",
     "test_krylov_solvers.py",
+    "test_sharding.py",
     "test_properties.py",
+    "test_solve_log.py",
+    "test_conditions.py",
+    "test_diagonal.py",
+    "test_user_edge.py",
     "test_distributed.py",
 ]
 
