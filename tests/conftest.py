@@ -76,7 +76,9 @@ def pytest_collection_modifyitems(items):
 def pytest_runtest_setup(item):
     wanted = _fewer_optimisations(item)
     if jax.config.read("jax_disable_most_optimizations") != wanted:
-        # The setting is not part of JAX's cache keys: a program compiled under one
-        # setting would be reused under the other.
-        jax.clear_caches()
+        # The setting is not part of JAX's cache keys: a program compiled with fewer
+        # optimisations would be reused at full optimisation (the other way round is
+        # harmless).
+        if not wanted:
+            jax.clear_caches()
         jax.config.update("jax_disable_most_optimizations", wanted)
