@@ -91,6 +91,7 @@ def test_one_hierarchy_per_linearisation_point():
     assert HOST_CACHE.preparations - before == 2
 
 
+@pytest.mark.full_optimisation
 def test_failures_give_nan():
     too_few_cycles = idf.AMG(accel=None, max_steps=2)
     assert np.all(np.isnan(batched_solve(too_few_cycles)(sparse_operator(SPD), RHS)))
@@ -104,6 +105,7 @@ def test_failures_give_nan():
     assert np.all(np.isnan(x))
 
 
+@pytest.mark.full_optimisation
 def test_preconditioner_for_krylov_solvers():
     matrix = grid_matrix(24)
     operator = sparse_operator(matrix)
@@ -117,6 +119,7 @@ def test_preconditioner_for_krylov_solvers():
     assert_relative_error(solve_with(pcg, operator, b), expected, 1e-9)
 
 
+@pytest.mark.full_optimisation
 def test_preconditioner_never_nans(monkeypatch):
     """A failed setup, or a hierarchy evicted from the cache, leaves the Krylov solver
     unpreconditioned, not poisoned."""

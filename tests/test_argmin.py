@@ -96,6 +96,7 @@ def test_init_gets_no_derivative_even_when_it_depends_on_x():
     np.testing.assert_allclose(jac, ridge_dw_dlam(0.7, X, t), atol=1e-8)
 
 
+@pytest.mark.full_optimisation
 def test_stopped_by_max_steps_is_caught_not_returned():
     X, t = ridge_data()
     short = dict(tol=1e-10, max_steps=3)

@@ -116,6 +116,7 @@ CONFIGS = [
     CONFIGS,
     ids=["f64-dict", "f64-jacobi-matrix", "f32-jacobi-dict"],
 )
+@pytest.mark.full_optimisation
 def test_solves_like_numpy(name, preconditioner, dtype, layout):
     make, matrix = SOLVERS[name]
     solver = make(preconditioner=preconditioner)
@@ -140,6 +141,7 @@ def solve_f64_dict(solver, matrix, rhs=RHS):
 
 
 @pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.full_optimisation
 def test_singular_matrix_gives_nan(name):
     make, matrix = SOLVERS[name]
     singular = matrix.copy()
@@ -150,12 +152,14 @@ def test_singular_matrix_gives_nan(name):
 
 
 @pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.full_optimisation
 def test_too_few_steps_gives_nan(name):
     # With the default max_steps the same system is solved (test_solves_like_numpy).
     make, matrix = SOLVERS[name]
     assert_all_nan(solve_f64_dict(make(max_steps=1), matrix)[:3])
 
 
+@pytest.mark.full_optimisation
 def test_breakdown_gives_nan_not_garbage():
     # Symmetric indefinite: pᵀAp = 0 at the first CG step for b = (1, …, 1). GMRES
     # solves the same system.
@@ -370,6 +374,7 @@ def test_least_squares_overdetermined(method, conditions):
         assert_close(jacobian, sqrt_jacobian(X), 1e-8)
 
 
+@pytest.mark.full_optimisation
 def test_least_squares_rank_deficient_cholesky_gives_nan():
     conditions = tall_conditions(TALL_RANK_2)
     f = implicit(jnp.sqrt, conditions, idf.LeastSquares("cholesky"))
@@ -385,6 +390,7 @@ def test_least_squares_square_system_equals_direct():
 
 
 @pytest.mark.parametrize("method", ["cholesky", "cg", "auto"])
+@pytest.mark.full_optimisation
 def test_least_squares_directly_on_a_normal_matrix(method):
     normal = NONSYMMETRIC.T @ NONSYMMETRIC
     rhs = jnp.asarray(np.concatenate([RHS, SPECIAL_ROWS]))

@@ -76,7 +76,9 @@ def test_non_negative_and_box_on_a_pytree(dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-@pytest.mark.parametrize("n", [10, 100_000])
+@pytest.mark.parametrize(
+    "n", [10, pytest.param(100_000, marks=pytest.mark.full_optimisation)]
+)
 def test_simplex_value_and_derivatives(dtype, n):
     v = random_vector(n, dtype)
     scale = jnp.asarray(2.0, dtype)

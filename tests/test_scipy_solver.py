@@ -125,6 +125,7 @@ def test_one_factorisation_per_linearisation_point():
     ],
     ids=["splu", "spsolve", "gmres", "gmres-maxiter", "bad-permc", "bad-maxiter"],
 )
+@pytest.mark.full_optimisation
 def test_failures_give_nan(solver):
     singular = NONSYMMETRIC.tolil()
     singular[3] = 0.0  # a zero row
@@ -141,6 +142,7 @@ def test_failures_give_nan(solver):
         assert np.all(np.isnan(x)), x
 
 
+@pytest.mark.full_optimisation
 def test_failure_through_implicit_function_is_nan():
     problem = CubicProblem(NONSYMMETRIC)
     f = problem.implicit(idf.SciPy("gmres", maxiter=1, restart=2), on_failure="nan")

@@ -106,6 +106,7 @@ def test_iterations_match_krylov_theory():
     ],
     ids=["Direct", "GMRES"],
 )
+@pytest.mark.full_optimisation
 def test_failed_status(solver, status):
     singular = jnp.array([[1.0, 2.0], [2.0, 4.0]])
     f = idf.ImplicitFunction(
@@ -121,6 +122,7 @@ def test_failed_status(solver, status):
     assert entry.status == status and np.isnan(entry.residual)
 
 
+@pytest.mark.full_optimisation
 def test_non_finite_input_status():
     f = linear()
     vjp = jax.jit(lambda v: jax.vjp(f, X)[1](v))
@@ -324,6 +326,7 @@ class Richardson(idf.AbstractLinearSolver):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.full_optimisation
 def test_custom_solver_reports_iterations_residual_and_reason(dtype):
     # A = diag(1, 2): Richardson with ω = 0.5 converges (I − ωA has radius 1/2), with
     # ω = 1.5 it diverges (radius 2). The gradient of Σ y is A⁻¹ 1 = (1, 1/2).
@@ -354,6 +357,7 @@ def test_custom_solver_reports_iterations_residual_and_reason(dtype):
     assert "not converged" in str(log) and "failed" in str(log)
 
 
+@pytest.mark.full_optimisation
 def test_core_rejection_is_logged_as_singular():
     # A plain dense solve of a numerically singular matrix returns a huge finite x
     # and reports nothing; the library's checks (certificate, κ bound) reject it.
@@ -376,6 +380,7 @@ def test_core_rejection_is_logged_as_singular():
     assert [e.status for e in log] == ["singular"]
 
 
+@pytest.mark.full_optimisation
 def test_krylov_breakdown_is_told_from_non_convergence():
     # A = [[0, 1], [1, 0]] is regular but indefinite: for v = (1, 0), CG's first
     # curvature pᵀAp is 0, a breakdown at once; GMRES solves it (u = (0, 1)).
@@ -399,6 +404,7 @@ def test_krylov_breakdown_is_told_from_non_convergence():
     assert log[0].iterations == 0 and log[1].iterations >= 1
 
 
+@pytest.mark.full_optimisation
 def test_batched_reports_are_reduced_over_the_batch():
     # vmap over three right-hand sides of a regular system: one entry, the largest
     # step count (Richardson on diag(1, 2) with ω = 0.5 from different b).

@@ -282,6 +282,7 @@ def test_float32_passes_the_check():
     np.testing.assert_allclose(jac, reference_jacobian(X), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.full_optimisation
 def test_wrong_pattern_gives_nan_not_a_wrong_derivative():
     dense = LAPLACIAN.toarray() != 0
     dense[7, 8] = False  # drop one true entry
@@ -391,6 +392,7 @@ def test_cotangent_of_a_bcoo_is_a_bcoo():
     )
 
 
+@pytest.mark.full_optimisation
 def test_linear_solve_singular_gives_nan_and_warns():
     singular = VALUES.at[np.flatnonzero(INDICES[:, 0] == 3)].set(0.0)
     with pytest.warns(RuntimeWarning, match="did not solve"):
@@ -428,6 +430,7 @@ def _assembly(representation, fn, n, dtype=jnp.float64):
 
 @pytest.mark.filterwarnings("ignore:implicitdiff.Sparse:RuntimeWarning")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.full_optimisation
 def test_dense_pattern_is_assembled_densely(monkeypatch, dtype):
     """Half the columns or more in a row: no colouring; the values are those of
     the Jacobian, and an entry outside a given pattern still gives NaN."""
