@@ -18,8 +18,10 @@ def call_compiled(call: Callable, eager: bool, *args):
 
     It runs eagerly instead when `eager`, when the non-array parts of the call cannot
     key the cache, and when the user's code cannot be traced (a NumPy forward, say).
+    Python floats in `call`'s module (a solver's tolerance) are its configuration,
+    fixed per module: they key the cache like any other static part.
     """
-    if eager or not _cacheable((call, args)):
+    if eager or not (_hashable((call, args)) and not _holds_python_floats(args)):
         return call(*args)
     try:
         return _compiled(call, *args)
@@ -32,16 +34,24 @@ def _compiled(call: Callable, *args):
     return call(*args)
 
 
-def _cacheable(tree) -> bool:
-    """Whether `_compiled` should cache on the non-array parts of `tree`: they must
-    hash (a SciPy matrix passed as an argument does not), and hold no Python float,
-    which would be compiled in, once per value (a loop over `f(lam)` with Python
-    floats). Otherwise the call runs eagerly, as it always could."""
-    leaves, treedef = jax.tree.flatten(eqx.filter(tree, eqx.is_array, inverse=True))
-    if any(isinstance(leaf, (float, complex)) for leaf in leaves):
-        return False
+def _static_parts(tree):
+    return jax.tree.flatten(eqx.filter(tree, eqx.is_array, inverse=True))
+
+
+def _hashable(tree) -> bool:
+    """Whether the non-array parts of `tree` can key `_compiled`'s cache (a SciPy
+    matrix passed as an argument cannot)."""
+    leaves, treedef = _static_parts(tree)
     try:
         hash((tuple(leaves), treedef))
     except TypeError:
         return False
     return True
+
+
+def _holds_python_floats(arguments) -> bool:
+    """Python floats among the call's arguments would be compiled in, once per value
+    (a loop over `f(lam)` with Python floats): such a call runs eagerly, as it always
+    could."""
+    leaves, _ = _static_parts(arguments)
+    return any(isinstance(leaf, (float, complex)) for leaf in leaves)

@@ -35,7 +35,12 @@ from ._solve import solve_linearised
 from ._solvers._auto import Auto
 from ._solvers._base import AbstractLinearSolver
 from ._solvers._least_squares import LeastSquares
-from ._user_code import call_forward, hoist_closed_over_tracers, warn_if_inputs_ignored
+from ._user_code import (
+    cached,
+    call_forward,
+    hoist_closed_over_tracers,
+    warn_if_inputs_ignored,
+)
 from ._validation import (
     check_callables,
     check_conditions_output,
@@ -129,7 +134,7 @@ class ImplicitFunction(eqx.Module):
         return call_compiled(self._call, eager, site, x, args, kwargs)
 
     def _call(self, site: CallSite, x, args, kwargs):
-        forward, conditions = hoist_closed_over_tracers(
+        forward, conditions, replayable = hoist_closed_over_tracers(
             self.forward, self.conditions, x, args, kwargs, self.has_byproduct
         )
         arrays, static_inputs = eqx.partition(
@@ -145,8 +150,7 @@ class ImplicitFunction(eqx.Module):
             inputs = eqx.combine(diff, nondiff, static_inputs)
             return inputs, eqx.combine(held, static_self)
 
-        @jax.custom_jvp
-        def implicit(diff, nondiff, held):
+        def primal(diff, nondiff, held):
             (conditions, x, args, kwargs), (forward, _, _) = unpack(diff, nondiff, held)
             output = call_forward(forward, x, args, kwargs)
             y, z = split_output(output, self.has_byproduct)
@@ -164,6 +168,10 @@ class ImplicitFunction(eqx.Module):
             out_arrays, out_static = eqx.partition((y, z), eqx.is_array)
             output_static[:] = [out_static]
             return out_arrays
+
+        # The JVP rule calls the primal again at the same inputs: with a traced
+        # forward, a jit makes that a cache hit rather than a second trace.
+        implicit = jax.custom_jvp(cached(primal) if replayable else primal)
 
         @ft.partial(implicit.defjvp, symbolic_zeros=True)
         def implicit_jvp(primals, tangents):

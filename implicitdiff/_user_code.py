@@ -3,8 +3,10 @@ the tracers they close over explicit, and errors and warnings that name the fix.
 rule itself (`_implicit_function.py`) only calls in; `_validation.py` checks what
 the user's functions return."""
 
+import functools as ft
 import types
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -78,15 +80,18 @@ def hoist_closed_over_tracers(
     args,
     kwargs,
     has_byproduct: bool,
-) -> tuple[Callable, Callable]:
-    """Makes the tracers that `forward` and `conditions` close over explicit.
+) -> tuple[Callable, Callable, bool]:
+    """Makes the tracers that `forward` and `conditions` close over explicit, and
+    traces the forward once.
 
     A closure over a value being differentiated would otherwise leak a tracer into the
-    custom rule. Closure conversion turns those values into array leaves of the
-    functions: the conditions' floating ones are then differentiated like `x`, the
-    forward's get zero derivative (`y` depends on them only through `c`). Only under a
-    transformation, and only when a tracer is actually closed over (also through a
-    default argument): the user's functions are otherwise called as they are.
+    custom rule. Under a transformation the forward is traced here into a `Replay`:
+    what it closes over becomes its array leaves (with zero derivative: `y` depends on
+    them only through `c`), and the rule's calls of the forward replay this one trace
+    instead of running the user's Python again. The conditions are closure-converted
+    only when they close over a tracer (also through a default argument); otherwise
+    they are called as they are. Returns `(forward, conditions, replayable)`,
+    `replayable` being whether the forward is a `Replay`.
 
     A forward that JAX cannot trace (NumPy, SciPy) is run here, on its concrete inputs,
     and replaced by its output; with traced inputs it is left to run on the concrete
@@ -94,22 +99,79 @@ def hoist_closed_over_tracers(
     fix when they are not concrete either (under `jit`).
     """
     if not tracing():
-        return forward, conditions
+        return forward, conditions, False
     try:
-        converted = _closure_convert(forward, x, *args, **kwargs)
-        output_structure = converted.out_struct
-        if has_tracers(converted):
-            forward = converted
-    except _TRACER_ERRORS:
+        forward = Replay.trace(forward, x, args, kwargs)
+        output_structure = forward.out_struct
+    except UNTRACEABLE:
         if has_tracers((x, args, kwargs)):
             # It may still run on the concrete primal values inside the rule (under
             # `grad` without `jit`); if not, `call_forward` names the fix. Its output
             # is unknown here: the conditions are converted for a `y` shaped like `x`.
-            return forward, _try_convert(conditions, x, (x, x), args, kwargs, False)
+            converted = _try_convert(conditions, x, (x, x), args, kwargs, False)
+            return forward, converted, False
         forward = Precomputed(call_forward(forward, x, args, kwargs))
         output_structure = forward.output
     y_and_z = split_output(output_structure, has_byproduct)
-    return forward, _try_convert(conditions, x, y_and_z, args, kwargs, has_byproduct)
+    converted = _try_convert(conditions, x, y_and_z, args, kwargs, has_byproduct)
+    return forward, converted, isinstance(forward, Replay)
+
+
+def cached(fn: Callable) -> Callable:
+    """`jax.jit(fn)`, whose trace a second call at the same input types reuses, also
+    from inside a JVP rule. JAX keys its cache on the abstract mesh in context too,
+    which is unset at the top of a trace and empty inside `jit`'s linearisation; the
+    empty one is set here for both."""
+    jitted = jax.jit(fn)
+
+    def call(*args):
+        with jax.sharding.use_abstract_mesh(jax.sharding.get_abstract_mesh()):
+            return jitted(*args)
+
+    return call
+
+
+class Replay(eqx.Module):
+    """A forward traced once, at the rule's inputs. A call replays its jaxpr through a
+    `jax.jit` made for it, so that calling it again at the same inputs (the primal is
+    traced twice: for itself and inside the JVP rule) hits that jit's cache. Its
+    arrays are the constants and tracers the forward closes over."""
+
+    consts: list
+    replay: Callable = eqx.field(static=True)
+    out_dynamic_struct: Any = eqx.field(static=True)
+    out_static: Any = eqx.field(static=True)
+
+    @classmethod
+    def trace(cls, forward: Callable, x, args, kwargs) -> "Replay":
+        dynamic, static = eqx.partition((x, args, kwargs), eqx.is_array)
+        leaves, treedef = jax.tree.flatten(dynamic)
+        out_static = []
+
+        def flat_forward(*leaves):
+            x, args, kwargs = eqx.combine(jax.tree.unflatten(treedef, leaves), static)
+            out_dynamic, out_static_part = eqx.partition(
+                call_forward(forward, x, args, kwargs), eqx.is_array
+            )
+            out_static.append(out_static_part)
+            return out_dynamic
+
+        closed, out_dynamic_struct = jax.make_jaxpr(flat_forward, return_shape=True)(
+            *leaves
+        )
+        replay = cached(ft.partial(jax.core.eval_jaxpr, closed.jaxpr))
+        return cls(list(closed.consts), replay, out_dynamic_struct, out_static[0])
+
+    @property
+    def out_struct(self):
+        return eqx.combine(self.out_dynamic_struct, self.out_static)
+
+    def __call__(self, x, *args, **kwargs):
+        leaves = jax.tree.leaves(eqx.filter((x, args, kwargs), eqx.is_array))
+        out_leaves = self.replay(self.consts, *leaves)
+        out_treedef = jax.tree.structure(self.out_dynamic_struct)
+        out_dynamic = jax.tree.unflatten(out_treedef, out_leaves)
+        return eqx.combine(out_dynamic, self.out_static)
 
 
 def _try_convert(conditions, x, y_and_z, args, kwargs, has_byproduct):

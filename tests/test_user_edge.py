@@ -368,3 +368,25 @@ def test_python_float_arguments_are_not_compiled_in():
             jax.jacobian(f)(x, s), np.diag(0.5 * s / np.sqrt(x * s)), rtol=1e-12
         )
     assert {1.0, 2.0, 3.0} <= set(traced)
+
+
+def test_python_floats_in_the_configuration_keep_the_cache():
+    """A solver's tolerance is a Python float of the module, fixed per module: an
+    eager call is compiled and cached as with the defaults, so a second call of a
+    derivative traces nothing, and both are right."""
+    traces = []
+
+    def conditions(x, y):
+        traces.append(None)
+        return y**2 - x
+
+    f = idf.ImplicitFunction(
+        jnp.sqrt, conditions, linear_solver=idf.GMRES(rtol=1e-11, atol=1e-13)
+    )
+    x = jnp.array([1.0, 4.0])
+    expected = np.diag(0.5 / np.sqrt(x))
+    counts = []
+    for scale in (1.0, 1.0):  # one call site: warnings are once per site
+        np.testing.assert_allclose(jax.jacobian(f)(x * scale), expected, rtol=1e-9)
+        counts.append(len(traces))
+    assert counts[0] > 0 and counts[1] == counts[0]
