@@ -19,7 +19,9 @@ class Direct(AbstractLinearSolver):
 
     `presolve` materialises `A` (one batched JVP per column, unless the representation
     already did) and factorises it once; every `solve`, forward or transposed, is then
-    two triangular solves. The right choice up to a few thousand unknowns.
+    two triangular solves, or, up to 48 unknowns, one product with the explicit
+    inverse that the certificate computes anyway (as accurate: about `κ·ε` relative,
+    and a smaller program). The right choice up to a few thousand unknowns.
 
     **Certificate.** `presolve` also computes `κ = max(κ₁(A), κ∞(A))` from the
     factors: exactly, from the explicit inverse, up to 48 unknowns (one solve with
