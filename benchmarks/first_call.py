@@ -19,7 +19,9 @@ imports JAX and the library, builds the function, and times: the first eager cal
 (`first_eager_s`, what a user pasting the example waits for after the imports), the
 median of 5 later eager calls (`time_s` in the eager rows), `jax.jit(...).lower().
 compile()` (`compile_s`), and the jitted per-call time (a pipelined loop, as in
-`overhead_small`). Processes of the different methods alternate, round after round
+`overhead_small`; the goal's figure) and, in the note, the jitted per-call time when
+every call is waited for (`jit_blocked_s`: a notebook, or a loop that reads each
+result). Processes of the different methods alternate, round after round
 (3 rounds; `--quick`: one round of the README case, implicitdiff and jaxopt only);
 medians over rounds. Ratios are to jaxopt's figure of the
 same run, and for the jitted per-call time also to plain JAX's (the hand-written
@@ -111,12 +113,14 @@ def _worker(method: str, case: str) -> dict:
         jax.block_until_ready(fn(*inputs))
         later.append(time.perf_counter() - t)
     jitted = C.measure_all({method: fn}, *inputs, repeats=5, pipelined=True)[method]
+    blocked = C.measure_all({method: fn}, *inputs, repeats=5)[method]
     return {
         "setup_s": built - start,
         "first_eager_s": first - built,
         "eager_s": statistics.median(later),
         "compile_s": jitted.compile_s,
         "jit_call_s": jitted.time_s,
+        "jit_blocked_s": blocked.time_s,
     }
 
 
@@ -163,7 +167,13 @@ def _rows(samples, cases, methods) -> list[dict]:
         for method in methods:
             figures = {
                 key: median(case, method, key)
-                for key in ("first_eager_s", "eager_s", "compile_s", "jit_call_s")
+                for key in (
+                    "first_eager_s",
+                    "eager_s",
+                    "compile_s",
+                    "jit_call_s",
+                    "jit_blocked_s",
+                )
             }
             jaxopt_figures = {k: median(case, "jaxopt", k) for k in figures}
             plain_call = median(case, "plain JAX", "jit_call_s")
@@ -201,7 +211,12 @@ def _note(mode, figures, jaxopt_figures, plain_call) -> str:
             f"({C.fmt_ratio(first)} jaxopt's)"
         )
     plain = C.ratio(figures["jit_call_s"], plain_call)
-    return f"ratio: vs jaxopt; jitted call {C.fmt_ratio(plain)} plain JAX's"
+    blocked = C.ratio(figures["jit_blocked_s"], jaxopt_figures["jit_blocked_s"])
+    return (
+        f"ratio: vs jaxopt; jitted call {C.fmt_ratio(plain)} plain JAX's; waiting "
+        f"for each call {C.fmt_time(figures['jit_blocked_s'])} "
+        f"({C.fmt_ratio(blocked)} jaxopt's)"
+    )
 
 
 def goals(rows: list[dict]) -> list[dict]:
