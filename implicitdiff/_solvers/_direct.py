@@ -78,11 +78,10 @@ class Direct(AbstractLinearSolver):
 def _explicit_inverse(
     matrix: Inexact[Array, "n n"], lu_and_pivots
 ) -> tuple[Inexact[Array, "n n"], Float[Array, ""], Float[Array, ""]]:
-    """`(M⁻¹, max(κ₁, κ∞), ‖M‖∞)`, exact, for small matrices: then a solve is one
-    product with `M⁻¹`, whose error, like that of the triangular solves, is about `κ·ε`
-    relative, and the program holds one triangular solve pair instead of one per
-    direction and per solve. NaN or inf when the matrix or its factors are not
-    finite."""
+    """`(M⁻¹, max(κ₁, κ∞), ‖M‖∞)`, exact, for small matrices. Every solve is then
+    one product with `M⁻¹` instead of one more pair of triangular solves, with an
+    error of about `κ·ε` relative, as theirs. NaN or inf when the matrix or its
+    factors are not finite."""
     eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
     inverse = jsl.lu_solve(lu_and_pivots, _batched_like_factors(eye, lu_and_pivots))
     (norm_1, norm_inf), (inverse_1, inverse_inf) = _norms_1_and_inf(
