@@ -21,7 +21,7 @@ def call_compiled(call: Callable, eager: bool, *args):
     Python floats in `call`'s module (a solver's tolerance) are its configuration,
     fixed per module: they key the cache like any other static part.
     """
-    if eager or not (_hashable((call, args)) and not _holds_python_floats(args)):
+    if eager or not _hashable((call, args)) or _holds_python_floats(args):
         return call(*args)
     try:
         return _compiled(call, *args)

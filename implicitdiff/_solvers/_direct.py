@@ -84,11 +84,8 @@ def _explicit_inverse(
     factors are not finite."""
     eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
     inverse = jsl.lu_solve(lu_and_pivots, _batched_like_factors(eye, lu_and_pivots))
-    (norm_1, norm_inf), (inverse_1, inverse_inf) = _norms_1_and_inf(
-        jnp.stack([matrix, inverse])
-    )
-    condition = jnp.maximum(norm_1 * inverse_1, norm_inf * inverse_inf)
-    return inverse, condition, norm_inf
+    norms, inverse_norms = _norms_1_and_inf(jnp.stack([matrix, inverse]))
+    return inverse, _condition(norms, inverse_norms), norms[1]
 
 
 def _condition_estimate(
@@ -104,10 +101,14 @@ def _condition_estimate(
             lu_and_pivots, _batched_like_factors(v, lu_and_pivots), trans=trans
         )
 
-    inverse_1, inverse_inf = inverse_norm1_estimates(solve(0), solve(2), n, dtype)
-    norm_1, norm_inf = _norms_1_and_inf(matrix)
-    condition = jnp.maximum(norm_1 * inverse_1, norm_inf * inverse_inf)
-    return condition, norm_inf
+    inverse_norms = inverse_norm1_estimates(solve(0), solve(2), n, dtype)
+    norms = _norms_1_and_inf(matrix)
+    return _condition(norms, inverse_norms), norms[1]
+
+
+def _condition(norms, inverse_norms) -> Float[Array, ""]:
+    """`max(κ₁, κ∞)` from `(‖M‖₁, ‖M‖∞)` and `(‖M⁻¹‖₁, ‖M⁻¹‖∞)`."""
+    return jnp.maximum(norms[0] * inverse_norms[0], norms[1] * inverse_norms[1])
 
 
 def _norms_1_and_inf(matrices: Inexact[Array, "*k n n"]) -> Float[Array, "*k 2"]:
