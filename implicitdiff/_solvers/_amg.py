@@ -8,7 +8,12 @@ import numpy as np
 from .._misc import result_dtype
 from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
-from ._host_certificate import host_certify, m_matrix_is_credible, probe_is_credible
+from ._host_certificate import (
+    host_certify,
+    m_matrix_is_credible,
+    probe_is_credible,
+    watched_cg,
+)
 from ._host_helpers import (
     check_hashable,
     csr_nbytes,
@@ -57,7 +62,9 @@ class AMG(AbstractLinearSolver):
     entry off it, as the discrete diffusion operators of elliptic PDEs; or minus one)
     is proven a nonsingular M-matrix with `κ∞(A)` below the threshold by the first
     iterate `x ≥ 0` of a solve of `A x = 1` with `A x > 0` in every row, a few cycles
-    (`‖A⁻¹‖∞ ≤ ‖x‖∞ / min(A x)`, deterministic); any other matrix by a solve for a
+    (`‖A⁻¹‖∞ ≤ ‖x‖∞ / min(A x)`, deterministic; with `accel="cg"` each iterate is
+    looked at before the next cycle is paid for, and one that nearly proves it is
+    smoothed by a Gauss-Seidel sweep first); any other matrix by a solve for a
     fixed pseudo-random right-hand side that a singular `A` almost surely cannot
     reach. An uncertified `A` gives NaN.
 
@@ -154,9 +161,9 @@ class AMG(AbstractLinearSolver):
         # so a matrix seen before costs neither again. An M-matrix is proven regular
         # by a few cycles; any other matrix by the probe, a solve to full tolerance.
         hierarchy, nbytes = _build_hierarchy(self.method, thaw(self.setup_options), csr)
-        run = ft.partial(self._run_watched, rtol, hierarchy)
         solve_rows = ft.partial(self._solve_rows, rtol, csr, hierarchy)
-        regular = m_matrix_is_credible(csr, run) or probe_is_credible(csr, solve_rows)
+        regular = self._m_matrix_certificate(rtol, csr, hierarchy)
+        regular = regular or probe_is_credible(csr, solve_rows)
         return (hierarchy, regular), nbytes
 
     def _solve_certified(self, rtol, csr, prepared, B):
@@ -168,6 +175,21 @@ class AMG(AbstractLinearSolver):
     def _solve_rows(self, rtol, csr, hierarchy, B):
         run = ft.partial(self._run_watched, rtol, hierarchy, return_info=True)
         return np.stack([iterate_to_tolerance(run, csr, b, rtol, self.atol) for b in B])
+
+    def _m_matrix_certificate(self, rtol, csr, hierarchy) -> bool:
+        """Whether `A` is proven a regular M-matrix (`m_matrix_is_credible`), its
+        iterates smoothed by Gauss-Seidel when nearly proving."""
+        run = ft.partial(self._run_certificate, rtol, csr, hierarchy)
+        smooth = ft.partial(_gauss_seidel_sweep, csr)
+        return m_matrix_is_credible(csr, run, smooth)
+
+    def _run_certificate(self, rtol, csr, hierarchy, b, callback):
+        """The M-matrix certificate's run: with `accel="cg"` (SPD `A`) a CG that looks
+        at each iterate before its next cycle, one cycle fewer than pyamg's CG."""
+        if self.accel != "cg":
+            return self._run_watched(rtol, hierarchy, b, callback)
+        precondition = hierarchy.aspreconditioner(cycle=self.cycle).matvec
+        return watched_cg(csr, precondition, b, callback, rtol, self.max_steps)
 
     def _run_watched(self, rtol, hierarchy, b, callback=None, return_info=False):
         """pyamg's accelerated cycles from zero, calling `callback` on each iterate."""
@@ -262,6 +284,15 @@ def _check_real(A, name: str) -> None:
             "Ruge-Stüben setup and CG acceleration assume a real matrix. For complex "
             "unknowns use implicitdiff.Direct or implicitdiff.SciPy('splu')."
         )
+
+
+def _gauss_seidel_sweep(csr, x, b):
+    """A copy of `x` after one symmetric Gauss-Seidel sweep on `A x = b`."""
+    from pyamg.relaxation.relaxation import gauss_seidel
+
+    x = np.array(x)
+    gauss_seidel(csr, x, b, iterations=1, sweep="symmetric")
+    return x
 
 
 def _build_hierarchy(method, setup_options, csr):
