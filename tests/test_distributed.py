@@ -83,7 +83,10 @@ def start(out: Path) -> subprocess.Popen:
         # The package under test, not whichever copy the interpreter has installed.
         PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     )
-    env.pop("XLA_FLAGS", None)  # the script sets its own device count
+    # The script sets its own device count; conftest's other flags (the batched-LU
+    # deadlock workaround) stay.
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    env["XLA_FLAGS"] = " ".join(f for f in flags if "device_count" not in f)
     return subprocess.Popen(
         ["bash", str(LAUNCHER), str(free_port()), str(out)],
         cwd=ROOT,

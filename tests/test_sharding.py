@@ -34,7 +34,9 @@ def run_script(script: Path = SCRIPT, timeout: int = 600) -> str:
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        # conftest's flags too (the batched-LU deadlock workaround), then 4 devices
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+        "--xla_force_host_platform_device_count=4",
         JAX_PLATFORMS="cpu",
         PYTHONPATH=path,
     )
