@@ -116,24 +116,34 @@ def test_amg_certificate_pays_fewer_cycles_than_pyamgs_run(size):
     assert len(ours) < len(theirs), (len(ours), len(theirs))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [10, 2000])
-def test_watched_cg_solves_spd_systems_and_shows_every_iterate(n):
-    """Against NumPy's solve, Jacobi-preconditioned; every iterate reaches the
-    callback, before the preconditioner is applied for the next one."""
+def test_watched_cg_solves_spd_systems_and_shows_every_iterate(n, dtype):
+    """Against NumPy's float64 solve, Jacobi-preconditioned; every iterate reaches
+    the callback, before the preconditioner is applied for the next one."""
     rng = np.random.default_rng(1)
     G = rng.normal(size=(n, n)) / np.sqrt(n)
     A = sp.csr_matrix(G @ G.T + np.diag(rng.uniform(1, 100, n)))
     b = rng.normal(size=n)
     events = []
-    inverse_diagonal = 1 / A.diagonal()
+    inverse_diagonal = (1 / A.diagonal()).astype(dtype)
 
     def precondition(r):
         events.append("cycle")
         return inverse_diagonal * r
 
-    x = watched_cg(A, precondition, b, lambda x: events.append("iterate"), 1e-12, 400)
+    rtol = {np.float32: 1e-6, np.float64: 1e-12}[dtype]
+    x = watched_cg(
+        A.astype(dtype),
+        precondition,
+        b.astype(dtype),
+        lambda x: events.append("iterate"),
+        rtol,
+        400,
+    )
+    assert x.dtype == dtype
     exact = np.linalg.solve(A.toarray(), b)
-    assert np.linalg.norm(x - exact) <= 1e-9 * np.linalg.norm(exact)
+    assert np.linalg.norm(x - exact) <= 1e3 * rtol * np.linalg.norm(exact)
     assert events[:3] == ["cycle", "iterate", "cycle"]
     # stopped at convergence, with no cycle after the last iterate
     assert events[-1] == "iterate" and events.count("iterate") < 400
