@@ -166,28 +166,35 @@ SciPy.__init__.__doc__ = """**Arguments:**
 
 
 def _prepare_direct(method, options, csr):
-    # ‖A‖∞ for the backward-error test of every solve
-    norm_A = np.max(np.abs(csr).sum(axis=1)) if csr.nnz else 0.0
+    norms = _norms_1_and_inf(csr)  # ‖A‖∞ is also the backward-error test's scale
     if method == "splu":
         lu = sla.splu(csr.tocsc(), **options)
-        regular = _well_conditioned(lu, csr)
+        regular = _well_conditioned(lu, csr, norms)
         solve = lu.solve if regular else _all_nan
-        return (solve, norm_A, regular), int(lu.nnz) * (csr.dtype.itemsize + 4)
+        return (solve, norms[1], regular), int(lu.nnz) * (csr.dtype.itemsize + 4)
     csc = csr.tocsc()  # what spsolve factorises, converted once
     # spsolve keeps no factor and estimates no condition number: one SuperLU
     # factorisation, dropped after the estimate, certifies A. (A probe solve proves
     # nothing here: at σ_min ≈ 1e-17 spsolve can return a finite solution that
     # passes every residual test.)
-    regular = _well_conditioned(sla.splu(csc, **_splu_options(options)), csr)
+    regular = _well_conditioned(sla.splu(csc, **_splu_options(options)), csr, norms)
     solve = ft.partial(sla.spsolve, csc, **options) if regular else _all_nan
-    return (solve, norm_A, regular), csr_nbytes(csc)
+    return (solve, norms[1], regular), csr_nbytes(csc)
 
 
 def _splu_options(spsolve_options: dict) -> dict:
     return {k: v for k, v in spsolve_options.items() if k == "permc_spec"}
 
 
-def _well_conditioned(lu, csr) -> bool:
+def _norms_1_and_inf(csr) -> tuple[float, float]:
+    """`(‖A‖₁, ‖A‖∞)`; zeros for an empty matrix."""
+    if not csr.nnz:
+        return 0.0, 0.0
+    magnitude = np.abs(csr)
+    return np.max(magnitude.sum(axis=0)), np.max(magnitude.sum(axis=1))
+
+
+def _well_conditioned(lu, csr, norms=None) -> bool:
     """`max(κ₁(A), κ∞(A)) ≤ 1/(√n·ε)`, by Higham's estimates of `‖A⁻¹‖₁` and
     `‖A⁻ᴴ‖₁ = ‖A⁻¹‖∞` from a few solves with the factors: SuperLU factorises
     numerically singular matrices without complaint, and their solutions pass any
@@ -195,10 +202,10 @@ def _well_conditioned(lu, csr) -> bool:
     factor of `A` (a JVP) and that of `Aᵀ` (a VJP) refuse the same matrices.
 
     Those estimates take about a dozen solves, a third of the factorisation's time
-    for a 2D PDE on 256² nodes; `_far_below` first tries to settle it with two."""
+    for a 2D PDE on 256² nodes; `_far_below` first tries to settle it with two.
+    `norms`: `(‖A‖₁, ‖A‖∞)` when the caller has them."""
     cast = lambda v: np.asarray(v, csr.dtype)  # the estimator works in float64
-    magnitude = np.abs(csr)
-    norms = np.max(magnitude.sum(axis=0)), np.max(magnitude.sum(axis=1))
+    norms = _norms_1_and_inf(csr) if norms is None else norms
     threshold = singular_threshold(csr.shape[0], csr.dtype)
     if _far_below(lu, csr.dtype, max(norms), threshold):
         return True
@@ -215,30 +222,44 @@ def _well_conditioned(lu, csr) -> bool:
     return bool(condition <= threshold)
 
 
-_PROBES = 4
+# Two probes, each nearly orthogonal to the top singular vector (|v·x| < 10⁻⁴) with
+# probability 0.8·10⁻⁴: both with probability below 10⁻⁸. A shortfall of the power
+# step is then under n^¼/√(2·10⁻⁴) ≈ 71·n^¼.
+_PROBES = 2
+_SHORTFALL = 71
+
+
+@ft.lru_cache(maxsize=8)
+def _probes(n: int, dtype) -> np.ndarray:
+    """`_PROBES` fixed pseudo-random Gaussian columns, drawn once per size (drawing
+    them costs ~3 ms at n = 65 536, a tenth of the certificate)."""
+    x = np.random.default_rng(0).standard_normal((n, _PROBES)).astype(dtype)
+    x.flags.writeable = False
+    return x
 
 
 def _far_below(lu, dtype, norm, threshold) -> bool:
     """Whether `max(κ₁, κ∞)` is surely far below `threshold`, from one step of the
-    power method on `A⁻ᴴA⁻¹`: one block solve for a few fixed pseudo-random
-    Gaussian columns `x`, one transposed solve for the column `y = A⁻¹x` that grew
-    most, and `s = ‖A⁻ᴴy‖₂/‖y‖₂ ≤ ‖A⁻¹‖₂`.
+    power method on `A⁻ᴴA⁻¹`: one block solve for two fixed pseudo-random Gaussian
+    columns `x`, one transposed solve for the column `y = A⁻¹x` that grew most, and
+    `s = ‖A⁻ᴴy‖₂/‖y‖₂ ≤ ‖A⁻¹‖₂`.
 
     `s` can fall short of `‖A⁻¹‖₂` by about `n^¼/√(2|v·x|)` at most (`v` the top
     right singular vector of `A⁻¹`; the worst spectrum has its other singular values
-    at `n^(-¼)` of the largest): under `7·n^¼` unless all the `|v·x|` are below
-    0.01, which for Gaussian columns has probability below 10⁻⁸. With
-    `‖A⁻¹‖₁, ‖A⁻¹‖∞ ≤ √n‖A⁻¹‖₂`, `7·n^¾·s·max(‖A‖₁, ‖A‖∞) ≤ threshold` settles it.
-    Otherwise (including a non-finite solve) Higham's estimates decide."""
+    at `n^(-¼)` of the largest): under `71·n^¼` unless both `|v·x|` are below 10⁻⁴,
+    which for Gaussian columns has probability below 10⁻⁸. With
+    `‖A⁻¹‖₁, ‖A⁻¹‖∞ ≤ √n‖A⁻¹‖₂`, `71·n^¾·s·max(‖A‖₁, ‖A‖∞) ≤ threshold` settles it
+    (on `sparse_pde_vjp`'s 256² Jacobian with 90× to spare). Otherwise (including a
+    non-finite solve) Higham's estimates decide."""
     n = lu.shape[0]
-    x = np.random.default_rng(0).standard_normal((n, _PROBES))
-    y = lu.solve(x.astype(dtype))
+    x = _probes(n, np.dtype(dtype))
+    y = lu.solve(x)
     growth = np.linalg.norm(y, axis=0) / np.linalg.norm(x, axis=0)
     if not np.all(np.isfinite(growth)):
         return False
     best = y[:, np.argmax(growth)]
     s = np.linalg.norm(lu.solve(best, trans="H")) / np.linalg.norm(best)
-    return bool(7 * n**0.75 * s * norm <= threshold)
+    return bool(_SHORTFALL * n**0.75 * s * norm <= threshold)
 
 
 def _all_nan(B):
