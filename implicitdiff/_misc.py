@@ -74,8 +74,19 @@ def size(tree: PyTree) -> int:
 
 
 def tree_norm(tree: PyTree[Array]) -> Float[Array, ""]:
-    """The 2-norm over every element of every leaf (NaN if any is NaN)."""
-    return jnp.sqrt(sum(jnp.sum(jnp.abs(leaf) ** 2) for leaf in jax.tree.leaves(tree)))
+    """The 2-norm over every element of every leaf: NaN if any is NaN, inf if any is
+    inf. Scaled by the largest magnitude and in at least float32, so that squaring
+    neither overflows nor underflows (in float16 the squares of numbers above 256
+    would already be inf, and every norm compared with them would pass)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros(())
+    largest = max_abs(leaves)
+    scale = jnp.where(jnp.isfinite(largest) & (largest > 0), largest, 1)
+    squares = (
+        jnp.sum((jnp.abs(leaf).astype(scale.dtype) / scale) ** 2) for leaf in leaves
+    )
+    return scale * jnp.sqrt(sum(squares))
 
 
 def all_finite(tree: PyTree[Array]) -> Bool[Array, ""]:
@@ -186,14 +197,35 @@ def operator_norm_lower_bound(operator) -> Float[Array, ""]:
 
 
 def max_abs(tree: PyTree[Array]) -> Float[Array, ""]:
-    """`max |element|` over all leaves: NaN if any element is NaN, 0 if empty."""
+    """`max |element|` over all leaves: NaN if any element is NaN, 0 if empty. In at
+    least float32, so that the checks' products with it cannot overflow a 16-bit
+    type (float16 ends at 65 504)."""
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros(())
+    dtype = check_dtype(jnp.result_type(*leaves))
     if len(leaves) == 1:
-        return max_or_nan(jnp.abs(leaves[0]))
-    dtype = jnp.finfo(jnp.result_type(*leaves)).dtype  # |complex| is real
+        return max_or_nan(jnp.abs(leaves[0])).astype(dtype)
     return max_or_nan(jnp.stack([max_or_nan(jnp.abs(v)).astype(dtype) for v in leaves]))
+
+
+def check_dtype(dtype) -> np.dtype:
+    """The real dtype in which the library's checks measure arrays of `dtype`: its
+    real counterpart, at least float32."""
+    return jnp.promote_types(jnp.finfo(dtype).dtype, jnp.float32)
+
+
+def refuse_16_bit(structures: PyTree, name: str, reason: str) -> None:
+    """Raises a `TypeError` at trace time, naming the solver `name`, when a leaf of
+    `structures` (shapes and dtypes) is a 16-bit float."""
+    for leaf in jax.tree.leaves(structures):
+        dtype = jnp.dtype(leaf.dtype)
+        if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2:
+            raise TypeError(
+                f"{name} does not support {dtype} systems: {reason}. "
+                "implicitdiff.Direct, GMRES, CG, BiCGStab and LeastSquares solve "
+                "16-bit systems; or compute y in float32."
+            )
 
 
 def credible(

@@ -141,11 +141,14 @@ def verify_solution(
 ) -> tuple[PyTree, PyTree]:
     """Applies `on_failure` when ‖c(x, y)‖ > tol·(1 + ‖y‖): a forward that stopped
     early must not yield outputs or derivatives that look fine. Returns `(y, z)`,
-    every floating leaf NaN on failure."""
-    failed = ~(tree_norm(c) <= tolerance * (1 + tree_norm(y)))
+    every floating leaf NaN on failure. A non-finite `y` fails too: with `‖y‖ = inf`
+    the test itself would pass."""
+    norm_y = tree_norm(y)
+    satisfied = tree_norm(c) <= tolerance * (1 + norm_y)
+    failed = ~(satisfied & jnp.isfinite(norm_y))
     message = (
-        f"implicitdiff: the output of the forward {name_of(forward)} does not "
-        f"satisfy the conditions: ‖c(x, y)‖ > {tolerance:g}·(1 + ‖y‖); "
+        f"implicitdiff: the output of the forward {name_of(forward)} is not finite "
+        f"or does not satisfy the conditions: ‖c(x, y)‖ > {tolerance:g}·(1 + ‖y‖); "
         "every output and every derivative is NaN. Make the forward converge "
         "further, or loosen the check (check_conditions=tol, or None to turn it "
         "off)."

@@ -109,3 +109,67 @@ def test_float32_and_the_solve_log_blames_the_forward_not_the_solver():
             np.testing.assert_allclose(gradient, 0.5 / np.sqrt(x), rtol=1e-6)
         else:  # NaN y: the solve gets a NaN right-hand side, not a failure of its own
             assert bool(jnp.all(jnp.isnan(gradient)))
+
+
+def test_a_forward_diverging_to_inf_is_caught():
+    """Finite x, infinite y: ‖y‖ = inf made the tolerance inf and the test pass."""
+
+    def newton_sqrt(x):  # from y = 1, x = −1 steps to y = 0, then to −inf
+        y = jnp.ones_like(x)
+        for _ in range(10):
+            y = 0.5 * (y + x / y)
+        return y
+
+    f = idf.ImplicitFunction(newton_sqrt, lambda x, y: y**2 - x)
+    x = jnp.array([-1.0, 4.0])
+    assert not bool(jnp.all(jnp.isfinite(newton_sqrt(x))))
+    with pytest.warns(RuntimeWarning, match="is not finite or does not satisfy"):
+        y = f(x)
+    assert bool(jnp.all(jnp.isnan(y)))
+    with pytest.warns(RuntimeWarning, match="is not finite or does not satisfy"):
+        assert bool(jnp.all(jnp.isnan(jax.grad(lambda x: f(x).sum())(x))))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_a_wrong_forward_is_caught_where_squares_overflow(dtype):
+    """y = 2x for c = y − x, with entries whose squares overflow float16: ‖y‖ must not
+    come out inf (the tolerance with it)."""
+    f = idf.ImplicitFunction(lambda x: 2 * x, lambda x, y: y - x)
+    x = jnp.full(8, 300.0, dtype)
+    with pytest.warns(RuntimeWarning, match="does not satisfy"):
+        assert bool(jnp.all(jnp.isnan(f(x))))
+    right = idf.ImplicitFunction(lambda x: x, lambda x, y: y - x)
+    np.testing.assert_array_equal(right(x), x)
+
+
+@pytest.mark.parametrize("n", [10, 100_000])
+@pytest.mark.parametrize(
+    "dtype, magnitude",
+    [
+        ("float64", 1e200),
+        ("float64", 1e-200),
+        ("float32", 1e30),
+        ("float32", 1e-30),
+        ("float16", 300.0),
+        ("complex128", 1e200),
+    ],
+)
+def test_tree_norm_neither_overflows_nor_underflows(n, dtype, magnitude):
+    from implicitdiff._misc import tree_norm
+
+    rng = np.random.default_rng(0)
+    values = rng.uniform(0.5, 1.0, n) * magnitude
+    leaf = jnp.asarray(
+        values * (1 + 1j) if dtype.startswith("complex") else values, dtype
+    )
+    tree = {"a": leaf, "b": leaf[:3]}
+    exact = np.sqrt(
+        np.sum(np.abs(np.asarray(leaf, np.complex128) / magnitude) ** 2) * 1
+        + np.sum(np.abs(np.asarray(leaf[:3], np.complex128) / magnitude) ** 2)
+    )
+    got = float(jax.jit(tree_norm)(tree)) / magnitude
+    assert abs(got - exact) <= 1e-3 * exact
+    for bad in (np.nan, np.inf):
+        broken = {"a": leaf.at[n // 2].set(bad), "b": leaf[:3]}
+        result = float(jax.jit(tree_norm)(broken))
+        assert np.isnan(result) if np.isnan(bad) else result == np.inf

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 from jax.experimental import sparse as jsparse
 
 import implicitdiff as idf
-from implicitdiff._misc import max_or_nan, singular_threshold
+from implicitdiff._misc import credible, max_or_nan, singular_threshold
 
 # These problems test the linear solves: their forwards return a point chosen for the
 # system (often y = 0 for a linear c), not a solution of the conditions, which the
@@ -413,21 +413,58 @@ def test_large_laplacian_solved_and_singular_refused():
     assert all_nan(jax.jit(lambda x, t: jax.jvp(g, (x,), (t,))[1])(x, t))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
-def test_direct_16_bit(dtype):
-    A = np.array([[2.0, 1.0], [1.0, 3.0]])
-    J = jax.jacfwd(lin(A.astype(dtype), idf.Direct()))(jnp.ones(2, dtype))
-    assert J.dtype == dtype
-    assert np.allclose(np.asarray(J, np.float64), np.linalg.inv(A), rtol=1e-2)
-    singular = jax.jacfwd(lin(np.ones((2, 2), dtype), idf.Direct()))(jnp.ones(2, dtype))
-    assert all_nan(singular)
-
-
 EVERY_SOLVER = {name: solver for name, (solver, _, _) in SOLVERS.items()} | {
     "BiCGStab": idf.BiCGStab(),
     "SciPy-bicgstab": idf.SciPy("bicgstab"),
     "AMG-gmres": idf.AMG(accel="gmres"),
 }
+
+
+# Solvers whose libraries have no 16-bit types: they refuse such systems when tracing.
+SIXTEEN_BIT_REFUSED = ("Lineax-", "SciPy-", "AMG")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("name", [name for name in EVERY_SOLVER if name != "user"])
+def test_16_bit_solved_or_refused_when_tracing(name, dtype):
+    """Entries of a few hundred, whose squares overflow float16 (65 504): no check
+    may be blinded by that. A solver either gives A⁻¹ to 16-bit accuracy in both
+    directions and NaN for a singular A, or raises a TypeError naming itself at trace
+    time."""
+    solver = EVERY_SOLVER[name]
+    A = np.array([[2.0, 1.0], [1.0, 3.0]])
+    x = jnp.asarray([300.0, 200.0], dtype)
+    # A tangent and a cotangent of that size too (a Krylov norm would overflow)
+    t = jnp.asarray([300.0, -150.0], dtype)
+    f, singular = lin(A.astype(dtype), solver), lin(np.ones((2, 2), dtype), solver)
+    if name.startswith(SIXTEEN_BIT_REFUSED):
+        message = f"{type(solver).__name__}.* does not support {jnp.dtype(dtype)}"
+        with pytest.raises(TypeError, match=message):
+            jax.jit(jax.jacfwd(f)).trace(x)
+        return
+
+    @jax.jit
+    def derivatives(x, t):  # one program: the size of the test suite is compiling
+        regular = [jax.jacfwd(f)(x), jax.jacrev(f)(x)]
+        regular += [jax.jvp(f, (x,), (t,))[1], jax.vjp(f, x)[1](t)[0]]
+        return regular, [jax.jacfwd(singular)(x), jax.jacrev(singular)(x)]
+
+    (J_fwd, J_rev, jvp, vjp), singular_ones = derivatives(x, t)
+    expected = np.linalg.solve(A, np.asarray(t, np.float64))
+    for J in (J_fwd, J_rev):
+        assert J.dtype == dtype
+        assert np.allclose(np.asarray(J, np.float64), np.linalg.inv(A), rtol=2e-2)
+    for derivative in (jvp, vjp):
+        assert np.allclose(np.asarray(derivative, np.float64), expected, rtol=2e-2)
+    assert all_nan(singular_ones)
+
+
+def test_credible_does_not_overflow_in_16_bit():
+    """`‖A‖∞‖x‖∞ = 6·10⁶` against `threshold·‖b‖∞ ≈ 3·10⁵`: a numerically singular
+    system, refused; in float16 both products overflow to inf, and inf ≤ inf."""
+    x, b = jnp.asarray([60000.0], jnp.float16), jnp.asarray([300.0], jnp.float16)
+    assert not bool(credible(jnp.asarray(100.0, jnp.float16), x, b))
+    assert bool(credible(jnp.asarray(1.0, jnp.float16), b, b))
 
 
 # A float32 leaf rounds the flattened float64 operator to float32 accuracy: the

@@ -5,7 +5,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
-from .._misc import result_dtype
+from .._misc import refuse_16_bit, result_dtype
 from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
 from ._host_certificate import (
@@ -277,6 +277,9 @@ AMGPreconditioner.__init__.__doc__ = """**Arguments:**
 
 
 def _check_real(A, name: str) -> None:
+    refuse_16_bit(
+        (A.in_structure(), A.out_structure()), name, "pyamg has no 16-bit types"
+    )
     dtype = result_dtype(A.in_structure())
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(

@@ -37,7 +37,7 @@ MAX_STEPS_PER_UNKNOWN = 10
 MAX_STEPS_CAP = 10_000
 
 DEFAULTS_DOC = """`rtol=None` means `1e-10` in float64, `1e-5` in float32 (`1e-2` in
-16-bit floats). A `y` mixing precisions is solved as one vector of the widest dtype,
+16-bit floats, whose iterations run in float32). A `y` mixing precisions is solved as one vector of the widest dtype,
 only as accurate as its least precise leaf: give that leaf's `rtol` explicitly.
 `atol=None` means `0`: a positive `atol` accepts `x = 0` for every right-hand side with
 `‖b‖ ≤ atol`, which for the arbitrary scale of a tangent or cotangent would be a
@@ -91,8 +91,10 @@ def check_positive_int(name: str, label: str, value, allow_none: bool) -> None:
 
 
 def flat_dtype(A: lx.AbstractLinearOperator, name: str):
-    """The dtype of the flattened iteration: that of every leaf of A's structures.
-    Raises, naming the solver `name`, for anything but real floating point."""
+    """The dtype of the flattened iteration: that of every leaf of A's structures, at
+    least float32 (the norms of 16-bit vectors overflow from entries of ~256 on: a
+    tangent of that size would fail to solve). Raises, naming the solver `name`, for
+    anything but real floating point."""
     leaves = jax.tree.leaves((A.in_structure(), A.out_structure()))
     dtype = jnp.result_type(*(leaf.dtype for leaf in leaves))
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -101,7 +103,7 @@ def flat_dtype(A: lx.AbstractLinearOperator, name: str):
             "inner products are not conjugated. For complex unknowns use "
             "implicitdiff.Direct or implicitdiff.SciPy('splu')."
         )
-    return dtype
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def flat_operator(A: lx.AbstractLinearOperator, dtype) -> FlatFn:

@@ -40,7 +40,8 @@ class LeastSquares(AbstractLinearSolver):
         per linearisation point and estimates its condition number from the factor
         (a few `O(n²)` solves, see [`implicitdiff.Direct`][]); past the threshold, or
         with a non-finite factor (a pivot that came out negative), every solution is
-        all NaN. Real or complex unknowns.
+        all NaN. Real or complex unknowns; 16-bit ones are factorised in float32,
+        with the threshold of their own type.
     - `"cg"`: [`implicitdiff.CG`][] on the normal equations, matrix-free, real
         unknowns only (complex ones are refused when tracing). Its tolerances apply to
         the normal equations: `‖Aᵀr − AᵀA ẏ‖₂ ≤ atol + rtol·‖Aᵀr‖₂`. Regularity is
@@ -87,11 +88,14 @@ class LeastSquares(AbstractLinearSolver):
             return self._cg().presolve(A, y)
         matrix = A.as_matrix()
         n = matrix.shape[0]
-        factor = jnp.linalg.cholesky(matrix)
+        # LAPACK has no 16-bit Cholesky: those factorise in float32, with the
+        # threshold of their own type.
+        factor_matrix = matrix.astype(jnp.promote_types(matrix.dtype, jnp.float32))
+        factor = jnp.linalg.cholesky(factor_matrix)
         solve = lambda v: jsl.cho_solve((factor, True), v)  # noqa: E731
         # AᴴA is Hermitian: ‖M⁻¹‖₁ = ‖M⁻¹‖∞, one estimate and one solve serve.
-        inverse, _ = inverse_norm1_estimates(solve, solve, n, matrix.dtype)
-        condition = max_or_nan(jnp.sum(jnp.abs(matrix), axis=0)) * inverse
+        inverse, _ = inverse_norm1_estimates(solve, solve, n, factor.dtype)
+        condition = max_or_nan(jnp.sum(jnp.abs(factor_matrix), axis=0)) * inverse
         # NaN (a negative pivot, a failed solve) fails the comparison.
         regular = condition <= singular_threshold(n, matrix.dtype)
         return factor, regular, A.in_structure()

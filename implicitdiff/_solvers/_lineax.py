@@ -13,6 +13,7 @@ from .._misc import (
     probes,
     pseudo_random_probe,
     ravel,
+    refuse_16_bit,
     size,
     unravel,
 )
@@ -81,6 +82,12 @@ class Lineax(AbstractLinearSolver):
             )
 
     def presolve(self, A, y):
+        refuse_16_bit(
+            (A.in_structure(), A.out_structure()),
+            f"Lineax({type(self.solver).__name__})",
+            "lineax's factorisations call LAPACK, which has no 16-bit types, and its "
+            "iterative solvers mix dtypes",
+        )
         state = self.solver.init(A, self._options)
         b_structure = A.out_structure()
         dtype = jnp.result_type(*jax.tree.leaves(b_structure))

@@ -6,7 +6,7 @@ import equinox as eqx
 import numpy as np
 import scipy.sparse.linalg as sla
 
-from .._misc import singular_threshold
+from .._misc import refuse_16_bit, singular_threshold
 from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
 from ._host_certificate import host_certify
@@ -137,6 +137,11 @@ class SciPy(AbstractLinearSolver):
         return HostMethod(("SciPy", self.method, self.options), prepare, solve)
 
     def presolve(self, A, y):
+        refuse_16_bit(
+            (A.in_structure(), A.out_structure()),
+            f"SciPy({self.method!r})",
+            "SciPy's sparse solvers have no 16-bit types",
+        )
         method = self._host_method(A)
         return method, host_presolve(method, A)
 
