@@ -37,8 +37,9 @@ MAX_STEPS_PER_UNKNOWN = 10
 MAX_STEPS_CAP = 10_000
 
 DEFAULTS_DOC = """`rtol=None` means `1e-10` in float64, `1e-5` in float32 (`1e-2` in
-16-bit floats, whose iterations run in float32). A `y` mixing precisions is solved as one vector of the widest dtype,
-only as accurate as its least precise leaf: give that leaf's `rtol` explicitly.
+16-bit floats, whose iterations run in float32). A `y` mixing precisions is solved as
+one vector of the widest dtype, only as accurate as its least precise leaf: give that
+leaf's `rtol` explicitly.
 `atol=None` means `0`: a positive `atol` accepts `x = 0` for every right-hand side with
 `‖b‖ ≤ atol`, which for the arbitrary scale of a tangent or cotangent would be a
 silently wrong derivative. `max_steps=None` means `min(10·n, 10 000)` for `n`
