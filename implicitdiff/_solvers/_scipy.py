@@ -227,11 +227,13 @@ def _well_conditioned(lu, csr, norms=None) -> bool:
     return bool(condition <= threshold)
 
 
-# Two probes, each nearly orthogonal to the top singular vector (|v·x| < 10⁻⁴) with
-# probability 0.8·10⁻⁴: both with probability below 10⁻⁸. A shortfall of the power
-# step is then under n^¼/√(2·10⁻⁴) ≈ 71·n^¼.
-_PROBES = 2
-_SHORTFALL = 71
+# Four probes, each nearly orthogonal to the top singular vector (|v·x| < 0.01) with
+# probability 0.008: all four with probability below 10⁻⁸. A shortfall of the power
+# step is then under n^¼/√(2·0.01) ≈ 7·n^¼. (Two probes need 71·n^¼ for the same
+# bound, which no longer settles `sparse_pde_vjp`'s 1024² Jacobian: Higham's dozen
+# solves then cost 4 s more than the two extra columns save.)
+_PROBES = 4
+_SHORTFALL = 7
 
 
 @ft.lru_cache(maxsize=8)
@@ -245,17 +247,17 @@ def _probes(n: int, dtype) -> np.ndarray:
 
 def _far_below(lu, dtype, norm, threshold) -> bool:
     """Whether `max(κ₁, κ∞)` is surely far below `threshold`, from one step of the
-    power method on `A⁻ᴴA⁻¹`: one block solve for two fixed pseudo-random Gaussian
+    power method on `A⁻ᴴA⁻¹`: one block solve for four fixed pseudo-random Gaussian
     columns `x`, one transposed solve for the column `y = A⁻¹x` that grew most, and
     `s = ‖A⁻ᴴy‖₂/‖y‖₂ ≤ ‖A⁻¹‖₂`.
 
     `s` can fall short of `‖A⁻¹‖₂` by about `n^¼/√(2|v·x|)` at most (`v` the top
     right singular vector of `A⁻¹`; the worst spectrum has its other singular values
-    at `n^(-¼)` of the largest): under `71·n^¼` unless both `|v·x|` are below 10⁻⁴,
-    which for Gaussian columns has probability below 10⁻⁸. With
-    `‖A⁻¹‖₁, ‖A⁻¹‖∞ ≤ √n‖A⁻¹‖₂`, `71·n^¾·s·max(‖A‖₁, ‖A‖∞) ≤ threshold` settles it
-    (on `sparse_pde_vjp`'s 256² Jacobian with 90× to spare). Otherwise (including a
-    non-finite solve) Higham's estimates decide."""
+    at `n^(-¼)` of the largest): under `7·n^¼` unless all the `|v·x|` are below
+    0.01, which for Gaussian columns has probability below 10⁻⁸. With
+    `‖A⁻¹‖₁, ‖A⁻¹‖∞ ≤ √n‖A⁻¹‖₂`, `7·n^¾·s·max(‖A‖₁, ‖A‖∞) ≤ threshold` settles it
+    (on `sparse_pde_vjp`'s Jacobians with 800× to spare at 256², 1.5× at 1024²).
+    Otherwise (including a non-finite solve) Higham's estimates decide."""
     n = lu.shape[0]
     x = _probes(n, np.dtype(dtype))
     y = lu.solve(x)
