@@ -39,6 +39,7 @@ from ._user_code import (
     cached,
     call_forward,
     hoist_closed_over_tracers,
+    outside_values,
     warn_if_inputs_ignored,
 )
 from ._validation import (
@@ -57,9 +58,10 @@ class ImplicitFunction(eqx.Module):
     implicit function theorem.
 
     Calling it runs `forward`. Outside `jax.jit` it compiles itself as `jax.jit`
-    would (cached per function, call site and input shapes, so Python values the
-    functions close over are read when first traced): a later call, or derivative,
-    costs what a jitted one does. A forward that cannot be traced (NumPy, Python
+    would (cached per function, call site and input shapes, and per the numbers,
+    strings and arrays that `forward` and `conditions` read from globals and
+    closures, so that a changed global is seen): a later call, or derivative, costs
+    what a jitted one does. A forward that cannot be traced (NumPy, Python
     branches on values), one made by [`implicitdiff.host`][], and
     `on_failure="raise"` run eagerly instead, so that their errors come out as
     themselves; so do calls with Python floats or unhashable non-array arguments
@@ -131,7 +133,8 @@ class ImplicitFunction(eqx.Module):
         # Eagerly, the errors of on_failure="raise" and of a host forward come out as
         # themselves, not inside a JaxRuntimeError; a host forward runs eagerly anyway.
         eager = self.on_failure == "raise" or is_host_function(self.forward)
-        return call_compiled(self._call, eager, site, x, args, kwargs)
+        reads = () if eager else outside_values(self.forward, self.conditions)
+        return call_compiled(self._call, eager, site, x, args, kwargs, reads=reads)
 
     def _call(self, site: CallSite, x, args, kwargs):
         forward, conditions, replayable = hoist_closed_over_tracers(

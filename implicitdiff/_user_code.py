@@ -5,11 +5,13 @@ the user's functions return."""
 
 import functools as ft
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax
+import numpy as np
 from jax.extend import core as jex_core
 
 from ._failure import CallSite
@@ -247,3 +249,124 @@ def _input_names(diff) -> list[str]:
         root, rest = roots[path[0].idx], jax.tree_util.keystr(path[1:])
         names.append(root + rest)
     return names
+
+
+# What `outside_values` looks into: functions two calls deep, at most this many, and
+# NumPy arrays by content up to this size (larger ones, and JAX arrays, by identity).
+_READ_DEPTH = 2
+_FUNCTIONS_MAX = 64
+_CONTENT_BYTES_MAX = 1 << 16
+
+
+def outside_values(*functions: Callable) -> tuple:
+    """What the user's Python functions read from outside their arguments, as a
+    hashable key: the contents of their closure cells and the module globals their
+    code names, and those of the Python functions among them (two levels deep, in
+    `equinox.Module`s too).
+
+    A cached trace reads such values once. `ImplicitFunction`'s eager calls key
+    their cache on this, so that a changed global (a loop that sets `lam` and calls
+    again from the same line) is traced again and seen, as a plain eager call would
+    see it, instead of returning the first value's result. Python numbers, strings
+    and bytes count by value, NumPy arrays up to 64 KiB by content, larger ones and
+    JAX arrays by identity (a rebound name is seen, a large NumPy array changed in
+    place is not); other objects (lists, dicts, attributes of objects) are not
+    looked into.
+    """
+    try:
+        return _outside_values(functions)
+    except Exception:  # an object that resists inspection: the key it had before
+        return ()
+
+
+def _outside_values(functions) -> tuple:
+    found, seen = [], set()
+
+    def visit(fn, depth):
+        if id(fn) in seen or len(seen) >= _FUNCTIONS_MAX:
+            return
+        seen.add(id(fn))
+        for value in _read_from_outside(fn):
+            if isinstance(value, types.FunctionType):
+                if depth:
+                    visit(value, depth - 1)
+            else:
+                found.append(_value_key(value))
+
+    for function in functions:
+        for leaf in _python_functions(function):
+            visit(leaf, _READ_DEPTH)
+    return tuple(key for key in found if key is not None)
+
+
+def _python_functions(obj) -> list[types.FunctionType]:
+    """The plain Python functions in `obj`: itself, a bound method's function, or the
+    function leaves of a pytree (an `equinox.Module` holding the user's functions)."""
+    if isinstance(obj, types.MethodType):
+        obj = obj.__func__
+    if isinstance(obj, types.FunctionType):
+        return [obj]
+    leaves = jax.tree.leaves(obj, is_leaf=lambda x: isinstance(x, types.MethodType))
+    found = []
+    for leaf in leaves:
+        if isinstance(leaf, types.MethodType):
+            leaf = leaf.__func__
+        if isinstance(leaf, types.FunctionType):
+            found.append(leaf)
+    return found
+
+
+def _read_from_outside(fn: types.FunctionType) -> list:
+    values = []
+    for cell in fn.__closure__ or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # a cell not yet filled
+            pass
+    module_globals = fn.__globals__
+    values += [module_globals[n] for n in _names(fn.__code__) if n in module_globals]
+    return values
+
+
+@ft.lru_cache(maxsize=4096)
+def _names(code: types.CodeType) -> tuple[str, ...]:
+    """The global names a code object reads, with those of the code nested in it
+    (lambdas, comprehensions), in a fixed order."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.update(_names(const))
+    return tuple(sorted(names))
+
+
+def _value_key(value):
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return type(value).__name__, value  # 1, 1.0 and True trace differently
+    if isinstance(value, (np.ndarray, np.generic)):
+        if value.nbytes <= _CONTENT_BYTES_MAX:
+            return "numpy", value.shape, value.dtype.str, value.tobytes()
+        return _Identity(value)
+    if isinstance(value, jax.Array):
+        return _Identity(value)
+    return None
+
+
+class _Identity:
+    """Equal only to a key of the same live object. Unlike `id()`, which a new
+    object can reuse once the first is freed, a weak reference to a dead object
+    equals nothing."""
+
+    __slots__ = ("_ref", "_hash")
+
+    def __init__(self, obj):
+        self._ref = weakref.ref(obj)
+        self._hash = id(obj)
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        if not isinstance(other, _Identity):
+            return NotImplemented
+        obj = self._ref()
+        return obj is not None and obj is other._ref()

@@ -440,3 +440,72 @@ def test_implicit_functions_nested_in_forward_and_conditions():
         np.testing.assert_allclose(grads[1], np.diag(first), rtol=1e-10)
         hessian = jax.hessian(lambda v: f(v).sum())(x)
         np.testing.assert_allclose(hessian, second, rtol=1e-8)
+
+
+# Values the user's functions read from outside their arguments, changed between
+# eager calls from one call site: each call must see the current value, as a plain
+# eager call would, although the call is compiled and cached.
+
+SCALE = 2.0
+SMALL_TABLE = np.array([2.0])
+TRACES = []
+
+
+def _scaled_sqrt(x):
+    TRACES.append(1)  # runs once per trace
+    return jnp.sqrt(x) * _current_scale()
+
+
+def _current_scale():  # read one call deeper
+    return SCALE * SMALL_TABLE[0] / 2.0
+
+
+def _scaled_conditions(x, y):
+    return (y / _current_scale()) ** 2 - x
+
+
+def test_a_changed_global_is_seen_by_the_next_eager_call():
+    global SCALE, SMALL_TABLE
+    f = idf.ImplicitFunction(_scaled_sqrt, _scaled_conditions)
+    gradient = lambda x: jax.grad(lambda x: f(x).sum())(x)  # noqa: E731
+    TRACES.clear()
+    for scale, table in [(2.0, 2.0), (2.0, 2.0), (3.0, 2.0), (3.0, 5.0)]:
+        SCALE = scale
+        SMALL_TABLE[0] = table  # changed in place: seen by content
+        expected = scale * table / 2.0
+        np.testing.assert_allclose(f(X), expected * np.sqrt(X), rtol=1e-6)
+        np.testing.assert_allclose(gradient(X), expected * 0.5 / np.sqrt(X), rtol=1e-6)
+    # Two traces per value (the call and the gradient) for three values, none again
+    # for the repeated one.
+    assert len(TRACES) == 6
+    SMALL_TABLE = np.array([4.0])  # rebound
+    np.testing.assert_allclose(f(X), 6.0 * np.sqrt(X), rtol=1e-6)
+    SCALE, SMALL_TABLE = 2.0, np.array([2.0])
+
+
+def test_a_rebound_jax_array_is_seen_and_a_dead_one_matches_nothing():
+    import gc
+
+    from implicitdiff._user_code import _Identity, outside_values
+
+    def forward(x):
+        return jnp.sqrt(x) * weights
+
+    def conditions(x, y):
+        return (y / weights) ** 2 - x
+
+    f = idf.ImplicitFunction(forward, conditions)
+    for value in (2.0, 3.0):
+        weights = jnp.asarray(value)  # a closure cell, rebound
+        np.testing.assert_allclose(f(X), value * np.sqrt(X), rtol=1e-6)
+    key = outside_values(forward, conditions)
+    assert key == outside_values(forward, conditions)
+    weights = jnp.asarray(3.0)  # an equal value, another array
+    assert key != outside_values(forward, conditions)
+    # Identity by weak reference: `id()` can be reused once an object is freed.
+    array = np.zeros(10**5)
+    identity = _Identity(array)
+    assert identity == _Identity(array)
+    del array
+    gc.collect()
+    assert identity != identity
