@@ -1,15 +1,31 @@
 """How a call of `ImplicitFunction` runs outside `jit`: compiled and cached as
 `jax.jit` would, unless it cannot be."""
 
+import threading
 from collections.abc import Callable, Hashable
 
 import equinox as eqx
 import jax
 
+from ._failure import CallSite
 from ._user_code import UNTRACEABLE
 
+# A call site whose outside values change at every call would compile once per value
+# (an eager training loop that rebinds the parameters its forward reads): after this
+# many distinct values it runs eagerly instead, and says so once.
+_VALUES_PER_SITE = 4
+_SEEN_VALUES: dict[Hashable, set] = {}  # call site -> the `reads` compiled for it
+_WARNED: set[CallSite] = set()
+_SEEN_LOCK = threading.Lock()
 
-def call_compiled(call: Callable, eager: bool, *args, reads: Hashable = ()):
+
+def call_compiled(
+    call: Callable,
+    eager: bool,
+    *args,
+    reads: Hashable = (),
+    site: CallSite | None = None,
+):
     """`call(*args)`, compiled and cached per `call` (a bound method of a module,
     whose static fields key the cache), non-array arguments and input shapes, as
     `jax.jit` does: outside `jit`, a call (and its derivatives) would otherwise re-trace
@@ -21,9 +37,12 @@ def call_compiled(call: Callable, eager: bool, *args, reads: Hashable = ()):
     Python floats in `call`'s module (a solver's tolerance) are its configuration,
     fixed per module: they key the cache like any other static part. `reads`: what
     the user's functions read from outside their arguments (`outside_values`), which
-    keys the cache too, so that a changed global is traced again.
+    keys the cache too, so that a changed global is traced again; a call `site`
+    whose `reads` keep changing runs eagerly after `_VALUES_PER_SITE` of them.
     """
     if eager or not _hashable((call, args)) or _holds_python_floats(args):
+        return call(*args)
+    if site is not None and _keeps_changing(site, reads):
         return call(*args)
     try:
         return _compiled(call, reads, *args)
@@ -35,6 +54,30 @@ def call_compiled(call: Callable, eager: bool, *args, reads: Hashable = ()):
 def _compiled(call: Callable, reads: Hashable, *args):
     del reads  # only a key of the cache
     return call(*args)
+
+
+def _keeps_changing(site: CallSite, reads: Hashable) -> bool:
+    """Whether `site` has seen `_VALUES_PER_SITE` other `reads` before these (then
+    warns, once per site)."""
+    if not reads:
+        return False
+    with _SEEN_LOCK:
+        seen = _SEEN_VALUES.setdefault(site, set())
+        if reads in seen or len(seen) < _VALUES_PER_SITE:
+            seen.add(reads)
+            return False
+        first = site not in _WARNED
+        _WARNED.add(site)
+    if first:
+        site.warn(
+            "implicitdiff: the values that `forward` and `conditions` read from "
+            f"globals or closures were different in {_VALUES_PER_SITE + 1} calls "
+            "from this line; rather than compiling once per value, its calls now "
+            "run eagerly (slower). Pass the values that change as arguments: they "
+            "are then compiled once, and get derivatives.",
+            UserWarning,
+        )
+    return True
 
 
 def _static_parts(tree):

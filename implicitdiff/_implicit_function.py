@@ -134,7 +134,9 @@ class ImplicitFunction(eqx.Module):
         # themselves, not inside a JaxRuntimeError; a host forward runs eagerly anyway.
         eager = self.on_failure == "raise" or is_host_function(self.forward)
         reads = () if eager else outside_values(self.forward, self.conditions)
-        return call_compiled(self._call, eager, site, x, args, kwargs, reads=reads)
+        return call_compiled(
+            self._call, eager, site, x, args, kwargs, reads=reads, site=site
+        )
 
     def _call(self, site: CallSite, x, args, kwargs):
         forward, conditions, replayable = hoist_closed_over_tracers(

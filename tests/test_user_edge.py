@@ -509,3 +509,28 @@ def test_a_rebound_jax_array_is_seen_and_a_dead_one_matches_nothing():
     del array
     gc.collect()
     assert identity != identity
+
+
+def test_values_that_change_at_every_call_run_eagerly_after_a_few():
+    """An eager loop that rebinds what the forward reads (parameters, say) would
+    compile once per step: after a few values the call site runs eagerly, right at
+    every step, and says so once."""
+    traces = []
+
+    def forward(x):
+        traces.append(1)
+        return jnp.sqrt(x) * weights
+
+    def conditions(x, y):
+        return (y / weights) ** 2 - x
+
+    f = idf.ImplicitFunction(forward, conditions)
+    messages = []
+    for step in range(10):
+        weights = jnp.asarray(1.0 + step)
+        y, caught_now = caught(f, X)  # one call site for every step
+        messages += caught_now
+        np.testing.assert_allclose(y, (1.0 + step) * np.sqrt(X), rtol=1e-6)
+    assert sum("run eagerly" in m for m in messages) == 1
+    # Four compiled values (one trace each), then eager calls (one run each).
+    assert len(traces) == 10
