@@ -14,7 +14,11 @@ from ._user_code import UNTRACEABLE
 # (an eager training loop that rebinds the parameters its forward reads): after this
 # many distinct values it runs eagerly instead, and says so once.
 _VALUES_PER_SITE = 4
-_SEEN_VALUES: dict[Hashable, set] = {}  # call site -> the `reads` compiled for it
+# (call site, the function's identity) -> the `reads` compiled for them; a helper
+# line that calls many implicit functions counts each apart. Bounded: a loop that
+# builds a new function at every step adds an entry per step.
+_SEEN_VALUES: dict[tuple[CallSite, int], set] = {}
+_SEEN_MAX = 4096
 _WARNED: set[CallSite] = set()
 _SEEN_LOCK = threading.Lock()
 
@@ -37,12 +41,13 @@ def call_compiled(
     Python floats in `call`'s module (a solver's tolerance) are its configuration,
     fixed per module: they key the cache like any other static part. `reads`: what
     the user's functions read from outside their arguments (`outside_values`), which
-    keys the cache too, so that a changed global is traced again; a call `site`
-    whose `reads` keep changing runs eagerly after `_VALUES_PER_SITE` of them.
+    keys the cache too, so that a changed global is traced again; `call`'s module
+    called from `site` with `reads` that keep changing runs eagerly after
+    `_VALUES_PER_SITE` of them.
     """
     if eager or not _hashable((call, args)) or _holds_python_floats(args):
         return call(*args)
-    if site is not None and _keeps_changing(site, reads):
+    if site is not None and _keeps_changing(site, id(call.__self__), reads):
         return call(*args)
     try:
         return _compiled(call, reads, *args)
@@ -56,13 +61,15 @@ def _compiled(call: Callable, reads: Hashable, *args):
     return call(*args)
 
 
-def _keeps_changing(site: CallSite, reads: Hashable) -> bool:
-    """Whether `site` has seen `_VALUES_PER_SITE` other `reads` before these (then
-    warns, once per site)."""
+def _keeps_changing(site: CallSite, function: int, reads: Hashable) -> bool:
+    """Whether `function` (an identity) called from `site` has seen
+    `_VALUES_PER_SITE` other `reads` before these (then warns, once per site)."""
     if not reads:
         return False
     with _SEEN_LOCK:
-        seen = _SEEN_VALUES.setdefault(site, set())
+        if len(_SEEN_VALUES) > _SEEN_MAX:
+            _SEEN_VALUES.clear()
+        seen = _SEEN_VALUES.setdefault((site, function), set())
         if reads in seen or len(seen) < _VALUES_PER_SITE:
             seen.add(reads)
             return False

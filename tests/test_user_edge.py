@@ -534,3 +534,24 @@ def test_values_that_change_at_every_call_run_eagerly_after_a_few():
     assert sum("run eagerly" in m for m in messages) == 1
     # Four compiled values (one trace each), then eager calls (one run each).
     assert len(traces) == 10
+
+
+def test_one_line_calling_many_implicit_functions_keeps_compiling_each():
+    """A helper line that calls several functions, each with its own constant
+    outside values, is no loop of changing values: nothing runs eagerly."""
+
+    def scaled(scale):  # each function closes over its own constant `scale`
+        return idf.ImplicitFunction(
+            lambda x: jnp.sqrt(x) * scale, lambda x, y: (y / scale) ** 2 - x
+        )
+
+    functions = [scaled(scale) for scale in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)]
+
+    def evaluate(f):
+        return caught(f, X)
+
+    for _ in range(2):
+        for scale, f in zip((1.0, 2.0, 3.0, 4.0, 5.0, 6.0), functions, strict=True):
+            y, messages = evaluate(f)
+            np.testing.assert_allclose(y, scale * np.sqrt(X), rtol=1e-6)
+            assert not any("run eagerly" in m for m in messages)
