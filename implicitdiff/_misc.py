@@ -207,16 +207,22 @@ def max_abs(tree: PyTree[Array]) -> Float[Array, ""]:
     return max_or_nan(jnp.stack([max_or_nan(jnp.abs(v)).astype(dtype) for v in leaves]))
 
 
+def at_least_32_bit(dtype) -> np.dtype:
+    """`dtype`, or float32 for a 16-bit float: where LAPACK has no 16-bit kernels and
+    16-bit norms overflow from entries of ~256 on."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def check_dtype(dtype) -> np.dtype:
     """The real dtype in which the library's checks measure arrays of `dtype`: its
     real counterpart, at least float32."""
-    return jnp.promote_types(jnp.finfo(dtype).dtype, jnp.float32)
+    return at_least_32_bit(jnp.finfo(dtype).dtype)
 
 
-def refuse_16_bit(structures: PyTree, name: str, reason: str) -> None:
-    """Raises a `TypeError` at trace time, naming the solver `name`, when a leaf of
-    `structures` (shapes and dtypes) is a 16-bit float."""
-    for leaf in jax.tree.leaves(structures):
+def refuse_16_bit(A: lx.AbstractLinearOperator, name: str, reason: str) -> None:
+    """Raises a `TypeError` at trace time, naming the solver `name`, when an input or
+    output leaf of `A` is a 16-bit float."""
+    for leaf in jax.tree.leaves((A.in_structure(), A.out_structure())):
         dtype = jnp.dtype(leaf.dtype)
         if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2:
             raise TypeError(

@@ -184,7 +184,8 @@ def test_condition_estimate_shortcut(monkeypatch, dtype):
         "onenormest",
         lambda A, *a, **k: estimates.append(1) or original(A, *a, **k),
     )
-    assert _scipy._well_conditioned(_scipy.sla.splu(well), well.tocsr())
+    norms = _scipy._norms_1_and_inf(well.tocsr())
+    assert _scipy._well_conditioned(_scipy.sla.splu(well), well.tocsr(), norms)
     assert not estimates
     # A Neumann Laplacian (singular) plus `shift·I`: κ₂ ≈ 4/shift, 8 times the
     # threshold.
@@ -193,5 +194,6 @@ def test_condition_estimate_shortcut(monkeypatch, dtype):
     near[0, 0] -= 1.0
     near[-1, -1] -= 1.0
     near = near.astype(dtype)
-    assert not _scipy._well_conditioned(_scipy.sla.splu(near), near.tocsr())
+    norms = _scipy._norms_1_and_inf(near.tocsr())
+    assert not _scipy._well_conditioned(_scipy.sla.splu(near), near.tocsr(), norms)
     assert estimates

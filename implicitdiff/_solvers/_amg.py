@@ -277,9 +277,7 @@ AMGPreconditioner.__init__.__doc__ = """**Arguments:**
 
 
 def _check_real(A, name: str) -> None:
-    refuse_16_bit(
-        (A.in_structure(), A.out_structure()), name, "pyamg has no 16-bit types"
-    )
+    refuse_16_bit(A, name, "pyamg has no 16-bit types")
     dtype = result_dtype(A.in_structure())
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(

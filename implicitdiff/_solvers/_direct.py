@@ -3,7 +3,14 @@ import jax.scipy.linalg as jsl
 from jax import lax
 from jaxtyping import Array, Float, Inexact
 
-from .._misc import max_or_nan, nan_unless, ravel, singular_threshold, unravel
+from .._misc import (
+    at_least_32_bit,
+    max_or_nan,
+    nan_unless,
+    ravel,
+    singular_threshold,
+    unravel,
+)
 from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
 from ._condition import inverse_norm1_estimates
@@ -44,7 +51,7 @@ class Direct(AbstractLinearSolver):
 
     def presolve(self, A, y):
         matrix = A.as_matrix()
-        factor_matrix = matrix.astype(jnp.promote_types(matrix.dtype, jnp.float32))
+        factor_matrix = matrix.astype(at_least_32_bit(matrix.dtype))
         lu_and_pivots = jsl.lu_factor(factor_matrix)
         if matrix.shape[0] <= _EXPLICIT_INVERSE_MAX:
             factors, condition, norm_inf = _explicit_inverse(

@@ -22,7 +22,7 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .. import _solve_log as solve_log
-from .._misc import nan_unless, ravel, size, unravel
+from .._misc import at_least_32_bit, nan_unless, ravel, size, unravel
 from ._base import AbstractLinearSolver
 from ._preconditioner import AbstractPreconditioner
 
@@ -104,7 +104,7 @@ def flat_dtype(A: lx.AbstractLinearOperator, name: str):
             "inner products are not conjugated. For complex unknowns use "
             "implicitdiff.Direct or implicitdiff.SciPy('splu')."
         )
-    return jnp.promote_types(dtype, jnp.float32)
+    return at_least_32_bit(dtype)
 
 
 def flat_operator(A: lx.AbstractLinearOperator, dtype) -> FlatFn:

@@ -3,7 +3,15 @@ from typing import Literal
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
-from .._misc import max_or_nan, nan_unless, ravel, singular_threshold, size, unravel
+from .._misc import (
+    at_least_32_bit,
+    max_or_nan,
+    nan_unless,
+    ravel,
+    singular_threshold,
+    size,
+    unravel,
+)
 from .._solve_log import report_solve
 from ._base import AbstractLinearSolver
 from ._cg import CG
@@ -90,7 +98,7 @@ class LeastSquares(AbstractLinearSolver):
         n = matrix.shape[0]
         # LAPACK has no 16-bit Cholesky: those factorise in float32, with the
         # threshold of their own type.
-        factor_matrix = matrix.astype(jnp.promote_types(matrix.dtype, jnp.float32))
+        factor_matrix = matrix.astype(at_least_32_bit(matrix.dtype))
         factor = jnp.linalg.cholesky(factor_matrix)
         solve = lambda v: jsl.cho_solve((factor, True), v)  # noqa: E731
         # AᴴA is Hermitian: ‖M⁻¹‖₁ = ‖M⁻¹‖∞, one estimate and one solve serve.

@@ -83,7 +83,7 @@ class Lineax(AbstractLinearSolver):
 
     def presolve(self, A, y):
         refuse_16_bit(
-            (A.in_structure(), A.out_structure()),
+            A,
             f"Lineax({type(self.solver).__name__})",
             "lineax's factorisations call LAPACK, which has no 16-bit types, and its "
             "iterative solvers mix dtypes",

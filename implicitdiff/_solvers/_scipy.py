@@ -137,11 +137,8 @@ class SciPy(AbstractLinearSolver):
         return HostMethod(("SciPy", self.method, self.options), prepare, solve)
 
     def presolve(self, A, y):
-        refuse_16_bit(
-            (A.in_structure(), A.out_structure()),
-            f"SciPy({self.method!r})",
-            "SciPy's sparse solvers have no 16-bit types",
-        )
+        name = f"SciPy({self.method!r})"
+        refuse_16_bit(A, name, "SciPy's sparse solvers have no 16-bit types")
         method = self._host_method(A)
         return method, host_presolve(method, A)
 
@@ -199,7 +196,7 @@ def _norms_1_and_inf(csr) -> tuple[float, float]:
     return np.max(magnitude.sum(axis=0)), np.max(magnitude.sum(axis=1))
 
 
-def _well_conditioned(lu, csr, norms=None) -> bool:
+def _well_conditioned(lu, csr, norms: tuple[float, float]) -> bool:
     """`max(κ₁(A), κ∞(A)) ≤ 1/(√n·ε)`, by Higham's estimates of `‖A⁻¹‖₁` and
     `‖A⁻ᴴ‖₁ = ‖A⁻¹‖∞` from a few solves with the factors: SuperLU factorises
     numerically singular matrices without complaint, and their solutions pass any
@@ -208,9 +205,8 @@ def _well_conditioned(lu, csr, norms=None) -> bool:
 
     Those estimates take about a dozen solves, a third of the factorisation's time
     for a 2D PDE on 256² nodes; `_far_below` first tries to settle it with two.
-    `norms`: `(‖A‖₁, ‖A‖∞)` when the caller has them."""
+    `norms`: `(‖A‖₁, ‖A‖∞)`, from `_norms_1_and_inf`."""
     cast = lambda v: np.asarray(v, csr.dtype)  # the estimator works in float64
-    norms = _norms_1_and_inf(csr) if norms is None else norms
     threshold = singular_threshold(csr.shape[0], csr.dtype)
     if _far_below(lu, csr.dtype, max(norms), threshold):
         return True
