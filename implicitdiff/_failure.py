@@ -110,23 +110,36 @@ def apply_policy(
 ) -> PyTree[Array]:
     """NaN-fills `x` where `failed`, and warns or raises as `policy` says.
 
-    Costs one `lax.cond` on an unbatched flag when nothing fails: `unvmap_any` reduces
-    the flag over every `vmap` axis (and, for sharded arrays, over every device), so
-    the cond is not turned into a `select` that would run the callback on every call.
+    Costs one `lax.cond` on an unbatched flag when nothing fails (see `announce`).
     Only the flag goes to the host, never `x`: a sharded `x` stays sharded.
     """
-    if policy != "nan":
-        branch = _warn(message, site) if policy == "warn" else _raise(message)
-        any_failed = eqxi.unvmap_any(failed)
-        flag = lax.cond(any_failed, branch, lambda f: f, any_failed)
-        # The callback is pure: XLA removes it when the result does not depend on
-        # its output, as when constant folding finds that `x` is NaN anyway. Adding
-        # `0·flag` (which XLA does not fold for floats) keeps it.
-        return jax.tree.map(
-            lambda leaf: nan_where(failed & flag, leaf) + _zero_from(flag, leaf.dtype),
-            x,
-        )
-    return jax.tree.map(lambda leaf: nan_where(failed, leaf), x)
+    flag = announce(failed, policy, message, site)
+    if policy == "nan":
+        return jax.tree.map(lambda leaf: nan_where(flag, leaf), x)
+    # The callback is pure: XLA removes it when the result does not depend on its
+    # output, as when constant folding finds that `x` is NaN anyway. Adding `0·flag`
+    # (which XLA does not fold for floats) keeps it.
+    return jax.tree.map(
+        lambda leaf: nan_where(flag, leaf) + _zero_from(flag, leaf.dtype), x
+    )
+
+
+def announce(
+    failed: Bool[Array, "*batch"], policy: OnFailure, message: str, site: CallSite
+) -> Bool[Array, "*batch"]:
+    """`failed`, after warning or raising as `policy` says when it holds anywhere.
+
+    What depends on the result keeps the warning or the error in the program (the
+    callback is pure: XLA removes it otherwise). Costs one `lax.cond` on an unbatched
+    flag when nothing fails: `unvmap_any` reduces the flag over every `vmap` axis
+    (and, for sharded arrays, over every device), so the cond is not turned into a
+    `select` that would run the callback on every call.
+    """
+    if policy == "nan":
+        return failed
+    branch = _warn(message, site) if policy == "warn" else _raise(message)
+    any_failed = eqxi.unvmap_any(failed)
+    return failed & lax.cond(any_failed, branch, lambda f: f, any_failed)
 
 
 def _zero_from(flag: Bool[Array, ""], dtype) -> Array:

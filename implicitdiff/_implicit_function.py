@@ -43,13 +43,14 @@ from ._user_code import (
     warn_if_inputs_ignored,
 )
 from ._validation import (
+    announce_failed_conditions,
     check_callables,
     check_conditions_output,
     check_linear_solver,
     check_options,
+    conditions_failed,
     is_pair,
     split_output,
-    verify_solution,
 )
 
 
@@ -167,12 +168,19 @@ class ImplicitFunction(eqx.Module):
                 least_squares=isinstance(self.linear_solver, LeastSquares),
                 output_was_pair=not self.has_byproduct and is_pair(output),
             )
+            failed = False
             if self.check_conditions is not None:
                 tolerance, policy = self.check_conditions, self.on_failure
-                y, z = verify_solution(c(), y, z, tolerance, policy, self.forward, site)
+                failed = announce_failed_conditions(
+                    conditions_failed(c(), y, tolerance),
+                    tolerance,
+                    policy,
+                    self.forward,
+                    site,
+                )
             out_arrays, out_static = eqx.partition((y, z), eqx.is_array)
             output_static[:] = [out_static]
-            return out_arrays
+            return out_arrays, jnp.asarray(failed)
 
         # The JVP rule calls the primal again at the same inputs: with a traced
         # forward, a jit makes that a cache hit rather than a second trace.
@@ -181,7 +189,7 @@ class ImplicitFunction(eqx.Module):
         @ft.partial(implicit.defjvp, symbolic_zeros=True)
         def implicit_jvp(primals, tangents):
             diff, nondiff, held = primals
-            out_arrays = implicit(diff, nondiff, held)
+            out_arrays, failed = outputs = implicit(diff, nondiff, held)
             y, z = eqx.combine(out_arrays, output_static[0])
             # Only the inputs being differentiated: the others' tangents are symbolic
             # zeros, and linearising in them would be wasted work.
@@ -195,7 +203,7 @@ class ImplicitFunction(eqx.Module):
                 return self._conditions(conditions, x, y, z, args, kwargs)
 
             if not jax.tree.leaves(moving):
-                return out_arrays, jax.tree.map(_zero_tangent, out_arrays)
+                return outputs, jax.tree.map(_zero_tangent, outputs)
             warn_if_inputs_ignored(lambda m: c(m, y), moving, self.conditions, site)
             A = _linearise(lambda y: c(moving, y), y)
             _, B = jax.linearize(lambda m: c(m, y), moving)
@@ -203,16 +211,19 @@ class ImplicitFunction(eqx.Module):
             # Through ravel, every leaf of the rhs is linear in the tangents, even a
             # condition that does not involve x (which JAX could not transpose).
             rhs = unravel(-ravel(B_t), structure(B_t))
-            y_finite = all_finite(y)  # NaN y (a failed check): NaN in, not a failure
+            # A failed check or a non-finite y: NaN in, NaN out, not a failed solve
+            sound = ~failed & all_finite(y)
+            y_dot = solve_linearised(
+                A, rhs, y, sound, solver, representation, self.on_failure, site
+            )
             z_dot = jax.tree.map(_zero_tangent, out_arrays[1])
             if self.check_conditions is not None:
-                rhs, z_dot = _poison_if_nan(y_finite, t_moving, rhs, z_dot)
-            y_dot = solve_linearised(
-                A, rhs, y, y_finite, solver, representation, self.on_failure, site
-            )
-            return out_arrays, (y_dot, z_dot)
+                y_dot, z_dot = _poison_unless(sound, t_moving, y_dot, z_dot)
+            return outputs, ((y_dot, z_dot), _zero_tangent(failed))
 
-        out_arrays = implicit(diff, nondiff, held)
+        out_arrays, failed = implicit(diff, nondiff, held)
+        if self.check_conditions is not None:
+            out_arrays = _poisoned_where(failed, out_arrays)
         y, z = eqx.combine(out_arrays, output_static[0])
         return (y, z) if self.has_byproduct else y
 
@@ -244,12 +255,29 @@ def _moving(tangents):
     return jax.tree.map(lambda t: not isinstance(t, SymbolicZero), tangents)
 
 
-def _poison_if_nan(y_finite, tangents, rhs, z_dot):
-    """Adds `p·Σtangents` to the rhs and to `z_dot`, with `p = 0` for a finite `y` and
-    NaN for a failed check: then every derivative is NaN, in forward mode and, by
-    transposition, in reverse mode, also with respect to inputs the conditions
-    ignore (whose cotangent is otherwise an exact zero)."""
-    poison = jnp.where(y_finite, 0.0, jnp.nan)
+def _poisoned_where(failed, outputs):
+    """`outputs` with every floating leaf NaN where `failed` (a failed condition
+    check), by adding NaN or −0 (which leaves every number as it is, −0 included):
+    unlike a `select`, the sum passes on the tangents, which the JVP rule has made
+    NaN itself. Being outside the rule, nothing before the derivative waits for the
+    check."""
+    poison = jnp.where(failed, jnp.nan, -0.0)
+
+    def add(leaf):
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            return leaf
+        return leaf + poison.astype(leaf.dtype)
+
+    return jax.tree.map(add, outputs)
+
+
+def _poison_unless(sound, tangents, y_dot, z_dot):
+    """Adds `p·Σtangents` to `y_dot` and `z_dot`, with `p = 0` when `sound` (the check
+    passed and `y` is finite) and NaN otherwise: then every derivative is NaN, in
+    forward mode and, by transposition, in reverse mode, also with respect to inputs
+    the conditions ignore (whose cotangent is otherwise an exact zero). Added after
+    the solve, which therefore does not wait for the check."""
+    poison = jnp.where(sound, 0.0, jnp.nan)
     total = sum(jnp.sum(jnp.real(t)) for t in jax.tree.leaves(tangents))
     term = poison * total
 
@@ -261,7 +289,7 @@ def _poison_if_nan(y_finite, tangents, rhs, z_dot):
             return leaf
         return jnp.broadcast_to(term, leaf.shape).astype(leaf.dtype)
 
-    return jax.tree.map(add, rhs), jax.tree.map(nan_tangent, z_dot)
+    return jax.tree.map(add, y_dot), jax.tree.map(nan_tangent, z_dot)
 
 
 def _zero_tangent(leaf):

@@ -133,7 +133,7 @@ def solve_with_presolve(
                 return regular & credible(norm_bound, x, b)
 
             x, accepted = solve_record.solve(
-                solver, state, product, b, direction, accept
+                solver, state, product, b, direction, accept, operator_finite
             )
             failed = ~accepted & all_finite(b) & operator_finite
             return apply_policy(x, failed, on_failure, message, site)

@@ -47,9 +47,10 @@ class SolveLogEntry:
         `report_solve`, as the solver measures it (the Krylov solvers: `‖b − A x‖/‖b‖`
         of their last iterate, also when they failed); `None` if none was reported.
     - `status`: `"converged"` when every solution is finite; `"non-finite input"` when
-        a right-hand side or the operator is not finite (NaN in, NaN out is no solver
-        failure). Otherwise a solution is NaN from finite input, and the status says
-        why: the reason the solver reported through `report_solve`
+        a right-hand side or the operator is not finite, or the forward's output failed
+        its condition check (NaN in, NaN out is no solver failure). Otherwise a
+        solution is NaN from finite input, and the status says why: the reason the
+        solver reported through `report_solve`
         (`"not converged"`, `"breakdown"`, `"singular"`); else `"singular"` when the
         solver's answer was finite and the library's own checks rejected it (the
         regularity certificate `certify` failed, or the answer proves `A`

@@ -147,11 +147,13 @@ def _certificate(solver, state, operator):
     return solver.certify(state, operator), solver.norm_bound(state, operator)
 
 
-def solve(solver, state, product: Callable, b, direction, accept):
+def solve(solver, state, product: Callable, b, direction, accept, operator_finite):
     """Runs `solver.solve`, then `accept(x)` (the caller's checks, a boolean scalar),
     and returns `x` where accepted, else all NaN, and whether it was accepted; records
     the solve when a `SolveLog` is active, with the residual of `product` (`v ↦ A v`,
-    the system solved)."""
+    the system solved). `operator_finite`: False when the point the operator was
+    linearised at is not sound (a failed condition check: the derivative will be NaN
+    whatever the solve does), recorded as a non-finite input."""
     if not isinstance(state, _TimedState):
         x = solver.solve(state, b)
         accepted = accept(x)
@@ -170,19 +172,21 @@ def solve(solver, state, product: Callable, b, direction, accept):
     info = (_solver_name(solver), direction.split()[0], size(b), _dtype_name(b))
     ticks = (state.start, state.end, start, end)
     done = _record_when_run(
-        info, ticks, batch, report, all_finite(x_solver), product, x, b
+        info, ticks, batch, report, all_finite(x_solver), product, x, b, operator_finite
     )
     return after(x, done), accepted
 
 
-def _record_when_run(info, ticks, batch, report, solver_finite, product, x, b):
+def _record_when_run(
+    info, ticks, batch, report, solver_finite, product, x, b, point_sound
+):
     """Stages the callback that appends this solve's entry to the logs of the calling
     thread's slot, with everything reduced over the `vmap` axes; returns its (opaque,
     zero) result. `solver_finite`: whether the solver's own answer was finite, before
     the library's checks."""
     x_finite = all_finite(x)
     residual, operator_finite = _residual(product, x, b, x_finite)
-    bad_input = ~all_finite(b) | (~x_finite & ~operator_finite)
+    bad_input = ~all_finite(b) | ~point_sound | (~x_finite & ~operator_finite)
     failed = ~x_finite & ~bad_input
     done = jax.pure_callback(
         functools.partial(_record, _LOGGING.value, info, report.reported()),

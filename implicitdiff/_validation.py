@@ -5,14 +5,13 @@ error names the fix. The rule (`_implicit_function.py`) only calls in."""
 
 from collections.abc import Callable
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import PyTree
+from jaxtyping import Array, Bool, PyTree
 
-from ._failure import ON_FAILURE_CHOICES, CallSite, OnFailure, apply_policy
-from ._misc import is_inexact_array, name_of, structure, tree_norm
+from ._failure import ON_FAILURE_CHOICES, CallSite, OnFailure, announce
+from ._misc import name_of, structure, tree_norm
 from ._solvers._base import AbstractLinearSolver
 from ._solvers._preconditioner import AbstractPreconditioner
 
@@ -130,22 +129,24 @@ def check_conditions_output(
         )
 
 
-def verify_solution(
-    c: PyTree,
-    y: PyTree,
-    z: PyTree,
+def conditions_failed(c: PyTree, y: PyTree, tolerance: float) -> Bool[Array, ""]:
+    """Whether ‖c(x, y)‖ > tol·(1 + ‖y‖): a forward that stopped early must not yield
+    outputs or derivatives that look fine. A non-finite `y` fails too: with
+    `‖y‖ = inf` the test itself would pass."""
+    norm_y = tree_norm(y)
+    satisfied = tree_norm(c) <= tolerance * (1 + norm_y)
+    return ~(satisfied & jnp.isfinite(norm_y))
+
+
+def announce_failed_conditions(
+    failed: Bool[Array, ""],
     tolerance: float,
     on_failure: OnFailure,
     forward: Callable,
     site: CallSite,
-) -> tuple[PyTree, PyTree]:
-    """Applies `on_failure` when ‖c(x, y)‖ > tol·(1 + ‖y‖): a forward that stopped
-    early must not yield outputs or derivatives that look fine. Returns `(y, z)`,
-    every floating leaf NaN on failure. A non-finite `y` fails too: with `‖y‖ = inf`
-    the test itself would pass."""
-    norm_y = tree_norm(y)
-    satisfied = tree_norm(c) <= tolerance * (1 + norm_y)
-    failed = ~(satisfied & jnp.isfinite(norm_y))
+) -> Bool[Array, ""]:
+    """`failed` (from `conditions_failed`), after warning or raising as
+    `on_failure` says when it holds."""
     message = (
         f"implicitdiff: the output of the forward {name_of(forward)} is not finite "
         f"or does not satisfy the conditions: ‖c(x, y)‖ > {tolerance:g}·(1 + ‖y‖); "
@@ -153,9 +154,7 @@ def verify_solution(
         "further, or loosen the check (check_conditions=tol, or None to turn it "
         "off)."
     )
-    floats, rest = eqx.partition((y, z), is_inexact_array)
-    floats = apply_policy(floats, failed, on_failure, message, site)
-    return eqx.combine(floats, rest)
+    return announce(failed, on_failure, message, site)
 
 
 def _is_positive(value) -> bool:

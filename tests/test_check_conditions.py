@@ -103,12 +103,27 @@ def test_float32_and_the_solve_log_blames_the_forward_not_the_solver():
         )
         with idf.SolveLog() as log:
             gradient = jax.jit(jax.grad(lambda x: jnp.sum(f(x))))(x)
-        assert gradient.dtype == jnp.float32
-        assert [entry.status for entry in log] == [expected]
+            tangent = jax.jit(lambda x: jax.jvp(f, (x,), (x,))[1])(x)
+        assert gradient.dtype == tangent.dtype == jnp.float32
+        # The same status in both directions: in reverse mode the solve's input is a
+        # finite cotangent, and only the recorded check tells the forward's failure.
+        assert [entry.status for entry in log] == [expected, expected]
         if expected == "converged":
             np.testing.assert_allclose(gradient, 0.5 / np.sqrt(x), rtol=1e-6)
-        else:  # NaN y: the solve gets a NaN right-hand side, not a failure of its own
+            np.testing.assert_allclose(tangent, 0.5 * np.sqrt(x), rtol=1e-6)
+        else:  # a failed check: NaN in, NaN out, not a failure of the solve's own
             assert bool(jnp.all(jnp.isnan(gradient)))
+            assert bool(jnp.all(jnp.isnan(tangent)))
+
+
+def test_a_passed_check_leaves_every_number_as_it_is():
+    """The output is poisoned by adding NaN or −0 (not by a select, which would stop
+    the tangents): every number, −0 included, passes unchanged."""
+    x = jnp.array([-0.0, 0.0, 1e-300, -3.5, 1e100])
+    f = idf.ImplicitFunction(lambda x: x, lambda x, y: y - x)
+    y = jax.jit(f)(x)
+    np.testing.assert_array_equal(np.signbit(y), np.signbit(x))
+    np.testing.assert_array_equal(y, x)
 
 
 def test_a_forward_diverging_to_inf_is_caught():

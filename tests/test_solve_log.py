@@ -109,11 +109,12 @@ def test_iterations_match_krylov_theory():
 @pytest.mark.full_optimisation
 def test_failed_status(solver, status):
     singular = jnp.array([[1.0, 2.0], [2.0, 4.0]])
-    f = idf.ImplicitFunction(
+    f = idf.ImplicitFunction(  # y = x does not solve the conditions: unchecked
         lambda x: x,
         lambda x, y: singular @ y - x,
         linear_solver=solver,
         on_failure="nan",
+        check_conditions=None,
     )
     with idf.SolveLog() as log:
         g = jax.jit(jax.grad(total(f)))(jnp.ones(2))
@@ -371,8 +372,12 @@ def test_core_rejection_is_logged_as_singular():
     # Aᵀu = (1, 0) has |u| ≈ 1/ε: proof that κ(A) > 1/(√n·ε).
     eps = float(jnp.finfo(jnp.float64).eps)
     nearly = jnp.array([[1.0, 1.0], [1.0, 1.0 + eps]])
-    f = idf.ImplicitFunction(
-        lambda x: x, lambda x, y: nearly @ y - x, PlainSolve(), on_failure="nan"
+    f = idf.ImplicitFunction(  # y = x does not solve the conditions: unchecked
+        lambda x: x,
+        lambda x, y: nearly @ y - x,
+        PlainSolve(),
+        on_failure="nan",
+        check_conditions=None,
     )
     with idf.SolveLog() as log:
         g = jax.jit(jax.grad(lambda x: f(x)[0]))(jnp.ones(2))
