@@ -23,6 +23,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jaxtyping import PyTree
 
@@ -257,16 +258,19 @@ def _moving(tangents):
 
 def _poisoned_where(failed, outputs):
     """`outputs` with every floating leaf NaN where `failed` (a failed condition
-    check), by adding NaN or −0 (which leaves every number as it is, −0 included):
-    unlike a `select`, the sum passes on the tangents, which the JVP rule has made
-    NaN itself. Being outside the rule, nothing before the derivative waits for the
-    check."""
+    check), by adding NaN or −0 (−0 − 0i for complex leaves), which leaves every
+    number as it is, −0 included: unlike a `select`, the sum passes on the tangents,
+    which the JVP rule has made NaN itself. Being outside the rule, nothing before
+    the derivative waits for the check."""
     poison = jnp.where(failed, jnp.nan, -0.0)
 
     def add(leaf):
         if not jnp.issubdtype(leaf.dtype, jnp.inexact):
             return leaf
-        return leaf + poison.astype(leaf.dtype)
+        part = poison.astype(jnp.finfo(leaf.dtype).dtype)  # the real dtype
+        if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+            return leaf + lax.complex(part, part)
+        return leaf + part
 
     return jax.tree.map(add, outputs)
 

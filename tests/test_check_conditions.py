@@ -119,11 +119,16 @@ def test_float32_and_the_solve_log_blames_the_forward_not_the_solver():
 def test_a_passed_check_leaves_every_number_as_it_is():
     """The output is poisoned by adding NaN or −0 (not by a select, which would stop
     the tangents): every number, −0 included, passes unchanged."""
-    x = jnp.array([-0.0, 0.0, 1e-300, -3.5, 1e100])
+    x64 = jnp.array([-0.0, 0.0, 1e-300, -3.5, 1e100])
+    x32 = jnp.array([-0.0, 0.0, 1e-30, -3.5, 1e10], jnp.float32)
+    z = x32 + 1j * x32[::-1]  # −0 in real and imaginary parts
     f = idf.ImplicitFunction(lambda x: x, lambda x, y: y - x)
-    y = jax.jit(f)(x)
-    np.testing.assert_array_equal(np.signbit(y), np.signbit(x))
-    np.testing.assert_array_equal(y, x)
+    for x in (x64, x32, z):
+        y = jax.jit(f)(x)
+        assert y.dtype == x.dtype
+        for part in (jnp.real, jnp.imag):
+            np.testing.assert_array_equal(np.signbit(part(y)), np.signbit(part(x)))
+        np.testing.assert_array_equal(y, x)
 
 
 def test_a_forward_diverging_to_inf_is_caught():
