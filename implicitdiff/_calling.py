@@ -7,7 +7,7 @@ from collections.abc import Callable, Hashable
 import equinox as eqx
 import jax
 
-from ._failure import CallSite
+from ._failure import CallSite, OnFailureError
 from ._user_code import UNTRACEABLE
 
 # A call site whose outside values change at every call would compile once per value
@@ -46,13 +46,27 @@ def call_compiled(
     `_VALUES_PER_SITE` of them.
     """
     if eager or not _hashable((call, args)) or _holds_python_floats(args):
-        return call(*args)
+        return _reraising_own_error(call, *args)
     if site is not None and _keeps_changing(site, id(call.__self__), reads):
-        return call(*args)
+        return _reraising_own_error(call, *args)
     try:
         return _compiled(call, reads, *args)
     except UNTRACEABLE:  # a NumPy forward, say: it runs eagerly, as before
+        return _reraising_own_error(call, *args)
+
+
+def _reraising_own_error(call: Callable, *args):
+    """`call(*args)`, run eagerly: an `OnFailureError` that its host callback raised
+    comes out as itself, not inside JAX's `JaxRuntimeError`."""
+    try:
         return call(*args)
+    except jax.errors.JaxRuntimeError as error:
+        marker = "OnFailureError: "
+        text = str(error)
+        if marker not in text:
+            raise
+        message = text[text.rindex(marker) + len(marker) :].strip()
+        raise OnFailureError(message) from None
 
 
 @eqx.filter_jit

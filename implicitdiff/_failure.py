@@ -25,10 +25,12 @@ class OnFailureError(RuntimeError):
     """The error of `on_failure="raise"`: a derivative (or, with `check_conditions`,
     the forward's output) could not be computed correctly.
 
-    Raised as such outside `jit`. Under `jit` it is raised on the host, inside the
+    Raised as such by a call outside `jit` whose forward's output fails its check.
+    Otherwise (under `jit`, and from a failed solve in a derivative, which JAX runs
+    as a program of its own even outside `jit`) it is raised on the host, inside the
     running program, and JAX turns it into a `jax.errors.JaxRuntimeError` whose
     message (the callback's traceback) ends with the line `OnFailureError: ` and this
-    error's text.
+    error's text: catch `(implicitdiff.OnFailureError, jax.errors.JaxRuntimeError)`.
     """
 
 

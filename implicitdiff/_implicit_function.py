@@ -30,13 +30,22 @@ from jaxtyping import PyTree
 from ._calling import call_compiled
 from ._failure import CallSite, OnFailure
 from ._host import is_host_function
-from ._misc import all_finite, is_inexact_array, ravel, structure, unravel
+from ._misc import (
+    add_poison,
+    all_finite,
+    is_inexact_array,
+    poison_term,
+    ravel,
+    structure,
+    unravel,
+)
 from ._representation import AbstractRepresentation, as_representation
 from ._solve import solve_linearised
 from ._solvers._auto import Auto
 from ._solvers._base import AbstractLinearSolver
 from ._solvers._least_squares import LeastSquares
 from ._user_code import (
+    OPAQUE,
     cached,
     call_forward,
     hoist_closed_over_tracers,
@@ -60,10 +69,11 @@ class ImplicitFunction(eqx.Module):
     implicit function theorem.
 
     Calling it runs `forward`. Outside `jax.jit` it compiles itself as `jax.jit`
-    would (cached per function, call site and input shapes, and per the numbers,
-    strings and arrays that `forward` and `conditions` read from globals and
-    closures, so that a changed global is seen): a later call, or derivative, costs
-    what a jitted one does. A forward that cannot be traced (NumPy, Python
+    would (cached per function, call site and input shapes, and per the values that
+    `forward`, `conditions` and the non-array arguments read from globals, closures,
+    objects and containers, so that a changed one is seen; a call reading what
+    cannot be seen into runs eagerly): a later call, or derivative, costs what a
+    jitted one does. A forward that cannot be traced (NumPy, Python
     branches on values), one made by [`implicitdiff.host`][], and
     `on_failure="raise"` run eagerly instead, so that their errors come out as
     themselves; so do calls with Python floats or unhashable non-array arguments
@@ -135,7 +145,11 @@ class ImplicitFunction(eqx.Module):
         # Eagerly, the errors of on_failure="raise" and of a host forward come out as
         # themselves, not inside a JaxRuntimeError; a host forward runs eagerly anyway.
         eager = self.on_failure == "raise" or is_host_function(self.forward)
-        reads = () if eager else outside_values(self.forward, self.conditions)
+        reads = ()
+        if not eager:
+            static_inputs = eqx.filter((x, args, kwargs), eqx.is_array, inverse=True)
+            reads = outside_values(self.forward, self.conditions, static_inputs)
+            eager = reads is OPAQUE  # what they read cannot key a cache
         return call_compiled(
             self._call, eager, site, x, args, kwargs, reads=reads, site=site
         )
@@ -276,24 +290,13 @@ def _poisoned_where(failed, outputs):
 
 
 def _poison_unless(sound, tangents, y_dot, z_dot):
-    """Adds `p·Σtangents` to `y_dot` and `z_dot`, with `p = 0` when `sound` (the check
-    passed and `y` is finite) and NaN otherwise: then every derivative is NaN, in
-    forward mode and, by transposition, in reverse mode, also with respect to inputs
-    the conditions ignore (whose cotangent is otherwise an exact zero). Added after
-    the solve, which therefore does not wait for the check."""
-    poison = jnp.where(sound, 0.0, jnp.nan)
-    total = sum(jnp.sum(jnp.real(t)) for t in jax.tree.leaves(tangents))
-    term = poison * total
-
-    def add(leaf):
-        return leaf + term.astype(leaf.dtype)
-
-    def nan_tangent(leaf):
-        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
-            return leaf
-        return jnp.broadcast_to(term, leaf.shape).astype(leaf.dtype)
-
-    return jax.tree.map(add, y_dot), jax.tree.map(nan_tangent, z_dot)
+    """`y_dot` and `z_dot` plus `poison_term`: all NaN unless `sound` (the check
+    passed and `y` is finite), in both modes, also with respect to inputs the
+    conditions ignore. Added after the solve, which therefore does not wait for the
+    check."""
+    term = poison_term(~sound, tangents)
+    y_dot = jax.tree.map(lambda leaf: add_poison(term, leaf), y_dot)
+    return y_dot, jax.tree.map(lambda leaf: add_poison(term, leaf), z_dot)
 
 
 def _zero_tangent(leaf):
@@ -323,8 +326,10 @@ ImplicitFunction.__init__.__doc__ = """**Arguments:**
 - `on_failure`: what a failed linear solve does. Its derivative is always all-NaN;
     `"nan"` says nothing more, `"warn"` (default) also emits a `RuntimeWarning` naming
     the solver, once per call site (under `jit` too), `"raise"` raises an
-    [`implicitdiff.OnFailureError`][] (under `jit` too, as the last line of JAX's
-    `JaxRuntimeError`; on every device of a sharded program). A program exported with
+    [`implicitdiff.OnFailureError`][] (as itself from an eager call whose forward
+    fails its check; under `jit`, and from a failed solve in a derivative, as the
+    last line of JAX's `JaxRuntimeError`; on every device of a sharded program). A
+    program exported with
     `jax.export` needs `"nan"`: JAX cannot serialise the host callback of the others.
     When nothing fails the check is one
     branch on a flag (about 1 µs per call); `"warn"` and `"raise"` put a host
@@ -342,7 +347,9 @@ ImplicitFunction.__init__.__doc__ = """**Arguments:**
     early, or the conditions do not match it, say with `x` and `y` swapped): every
     output and every derivative is NaN, and `on_failure` applies. Costs one
     evaluation of the conditions per call. Conditions on a scale far from that of
-    `y` (`c = 10⁸·(y − x)`, say) may need their own tolerance.
+    `y` (`c = 10⁸·(y − x)`, say) may need their own tolerance. With a 16-bit `y`
+    the tolerance is at least 8ε of its dtype (0.0078 in float16, 0.0625 in
+    bfloat16), which rounding alone reaches.
 
 Inputs that are differentiated (floating arrays of `x`, `args` and `kwargs` that a
 derivative is taken with respect to) but that the conditions do not use get a

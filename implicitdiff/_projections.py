@@ -72,7 +72,10 @@ def _simplex_threshold_by_sort(u: Float[Array, " n"], scale) -> Float[Array, ""]
     (Held, Wolfe and Crowder's algorithm): the forward of the implicit threshold."""
     s = jnp.sort(u)[::-1]
     candidates = (jnp.cumsum(s) - scale) / jnp.arange(1, u.size + 1, dtype=u.dtype)
-    support = jnp.sum(s > candidates)  # ≥ 1: the largest element always qualifies
+    # The largest element always qualifies, but `s[0] > s[0] − scale` fails when
+    # `scale` is below the rounding unit of `s[0]`: then `candidates[-1]` (the last
+    # one, a wrong threshold) would be taken, not the first.
+    support = jnp.maximum(jnp.sum(s > candidates), 1)
     return candidates[support - 1]
 
 

@@ -11,10 +11,13 @@ from jax import lax
 from jaxtyping import Array, Bool, PyTree
 
 from . import _solve_record as solve_record
-from ._failure import CallSite, OnFailure, apply_policy
+from ._failure import CallSite, OnFailure, announce, apply_policy
 from ._misc import (
+    add_poison,
     all_finite,
     credible,
+    max_abs,
+    poison_term,
     ravel,
     size,
     structure,
@@ -34,6 +37,7 @@ def solve_linearised(
     representation: AbstractRepresentation,
     on_failure: OnFailure,
     site: CallSite,
+    complex_checked: bool = False,
 ) -> PyTree[Array]:
     """Solves `A ẏ = rhs` for the linearised conditions `A` at `y`, transposably.
 
@@ -45,6 +49,11 @@ def solve_linearised(
     y_structure = structure(y)
     if size(y_structure) == 0:
         return jax.tree.map(jnp.zeros_like, y)
+    complex_leaves = any(_is_complex(leaf) for leaf in jax.tree.leaves(y_structure))
+    if complex_leaves and not complex_checked:  # on y's leaves, before flattening
+        rhs = _nan_unless_complex_linear(
+            A, rhs, y_structure, operator_finite, on_failure, site
+        )
     leaves = jax.tree.leaves((y_structure, structure(rhs)))
     if len({leaf.dtype for leaf in leaves}) > 1:
         dtype = jnp.result_type(*leaves)
@@ -59,6 +68,7 @@ def solve_linearised(
             representation,
             on_failure,
             site,
+            complex_checked=True,
         )
         return unravel(flat, y_structure)
     matvec, tags = A, ()
@@ -146,3 +156,44 @@ def solve_with_presolve(
         solve=presolve_and_solve(transpose=False),
         transpose_solve=presolve_and_solve(transpose=True),
     )
+
+
+def _nan_unless_complex_linear(
+    A: Callable,
+    rhs: PyTree[Array],
+    y_structure: PyTree,
+    operator_finite: Bool[Array, ""],
+    on_failure: OnFailure,
+    site: CallSite,
+) -> PyTree[Array]:
+    """`rhs`, all NaN (with the policy's warning or error) unless `A` is complex-linear:
+    conditions that use `conj`, `abs`, `real` or `imag` of a complex `y` have a
+    `∂c/∂y` that is only real-linear, which no complex matrix represents, and every
+    solver would return a finite wrong derivative. One probe, two products:
+    `A(i v) = i A(v)` for a complex-linear `A`, to rounding."""
+
+    def probe(leaf):  # golden-angle phases on complex leaves, 0 on real ones
+        if not _is_complex(leaf):
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        k = jnp.arange(leaf.size).reshape(leaf.shape)
+        return ((1 + k / leaf.size) * jnp.exp(2.399963j * k)).astype(leaf.dtype)
+
+    v = jax.tree.map(probe, y_structure)
+    rotated = jax.tree.map(lambda leaf: 1j * leaf if _is_complex(leaf) else leaf, v)
+    Av = ravel(A(v)).astype(complex)
+    gap, scale = max_abs(ravel(A(rotated)) - 1j * Av), max_abs(Av)
+    dtype = jnp.result_type(*jax.tree.leaves(y_structure))
+    tolerance = jnp.sqrt(jnp.finfo(dtype).eps) * scale
+    not_linear = (gap > tolerance) & jnp.isfinite(scale) & operator_finite
+    message = (
+        "implicitdiff: the conditions are not complex-differentiable in y (they use "
+        "conj, abs, real or imag of the complex unknowns): ∂c/∂y is not a complex "
+        "matrix, and the derivative is NaN. Write y as its real and imaginary parts "
+        "(real arrays), and the conditions as real equations."
+    )
+    term = poison_term(announce(not_linear, on_failure, message, site), rhs)
+    return jax.tree.map(lambda leaf: add_poison(term, leaf), rhs)
+
+
+def _is_complex(leaf) -> bool:
+    return jnp.issubdtype(leaf.dtype, jnp.complexfloating)

@@ -43,7 +43,7 @@ import numpy as np
 from jax.custom_batching import custom_vmap
 from jaxtyping import Array, PyTree
 
-from ._misc import all_finite, nan_unless, ravel, size, structure, unravel
+from ._misc import all_finite, nan_unless, ravel, size, structure, tree_norm, unravel
 from ._solve_clock import after, elapsed, probe, tick_after
 
 # Part of every jit cache key (and of JAX's inner tracing caches): a function traced
@@ -228,8 +228,8 @@ def _residual(product, x, b, x_finite):
     if b_flat.shape == x_flat.shape:
         x_flat = jnp.where(x_finite, x_flat, b_flat.astype(x_flat.dtype))
     Ax = ravel(product(unravel(x_flat, structure(x)))).astype(b_flat.dtype)
-    r_norm = jnp.linalg.norm(b_flat - Ax)
-    b_norm = jnp.linalg.norm(b_flat)
+    r_norm = tree_norm(b_flat - Ax)  # overflow-safe: 10²⁰ in float32 is no inf
+    b_norm = tree_norm(b_flat)
     relative = jnp.where(b_norm > 0, r_norm / jnp.where(b_norm > 0, b_norm, 1), r_norm)
     return jnp.where(x_finite, relative, jnp.nan), jnp.all(jnp.isfinite(Ax))
 

@@ -4,6 +4,7 @@ rule itself (`_implicit_function.py`) only calls in; `_validation.py` checks wha
 the user's functions return."""
 
 import functools as ft
+import hashlib
 import types
 import weakref
 from collections.abc import Callable
@@ -251,81 +252,140 @@ def _input_names(diff) -> list[str]:
     return names
 
 
-# What `outside_values` looks into: functions two calls deep, at most this many, and
-# NumPy arrays by content up to this size (larger ones, and JAX arrays, by identity).
-_READ_DEPTH = 2
-_FUNCTIONS_MAX = 64
+# What `outside_values` looks into: functions this many calls deep, at most this many
+# objects in all, NumPy arrays by their bytes up to the first size and by a digest of
+# them up to the second; past any of these limits the call runs eagerly.
+_READ_DEPTH = 6
+_OBJECTS_MAX = 2000
 _CONTENT_BYTES_MAX = 1 << 16
+_DIGEST_BYTES_MAX = 1 << 24
+# Modules and functions of these packages read nothing of the user's that changes.
+_LIBRARIES = frozenset(
+    {"jax", "jaxlib", "numpy", "scipy", "equinox", "lineax", "optax", "optimistix"}
+    | {"implicitdiff", "jaxtyping", "math", "cmath", "functools", "operator"}
+    | {"builtins", "typing", "collections", "itertools", "numbers", "abc"}
+)
+
+# `outside_values`' answer when it cannot key what the functions read: an object
+# whose state it cannot see (a class instance with slots, a file, a user module).
+OPAQUE = object()
 
 
-def outside_values(*functions: Callable) -> tuple:
-    """What the user's Python functions read from outside their arguments, as a
-    hashable key: the contents of their closure cells and the module globals their
-    code names, and those of the Python functions among them (two levels deep, in
-    `equinox.Module`s too).
+class _Opaque(Exception):
+    pass
+
+
+def outside_values(*objects: Any) -> Any:
+    """What the user's Python code (`objects`: the forward, the conditions, and the
+    non-array arguments of a call) reads from outside its arguments, as a hashable
+    key, or `OPAQUE` when that cannot be known.
 
     A cached trace reads such values once. `ImplicitFunction`'s eager calls key
-    their cache on this, so that a changed global (a loop that sets `lam` and calls
+    their cache on this, so that a changed value (a loop that sets `lam` and calls
     again from the same line) is traced again and seen, as a plain eager call would
-    see it, instead of returning the first value's result. Python numbers, strings
-    and bytes count by value, NumPy arrays up to 64 KiB by content, larger ones and
-    JAX arrays by identity (a rebound name is seen, a large NumPy array changed in
-    place is not); other objects (lists, dicts, attributes of objects) are not
-    looked into.
+    see it, and run eagerly when it is `OPAQUE`. Followed: the closure cells and the
+    module globals that functions name (and the functions among them, `_READ_DEPTH`
+    calls deep), bound methods' objects, `functools.partial`s, `equinox.Module`s,
+    and the attributes of plain objects, the items of lists, tuples, dicts and sets,
+    all by value; NumPy arrays by content, JAX arrays (immutable) by identity.
+    Modules and functions of the libraries in `_LIBRARIES` are not looked into.
     """
     try:
-        return _outside_values(functions)
-    except Exception:  # an object that resists inspection: the key it had before
-        return ()
+        return _Reader().key(objects)
+    except (_Opaque, RecursionError):
+        return OPAQUE
+    except Exception:  # an object that resists inspection: no cache
+        return OPAQUE
 
 
-def _outside_values(functions) -> tuple:
-    found, seen = [], set()
+class _Reader:
+    def __init__(self):
+        self.seen: dict[int, int] = {}  # id -> index of its key (cycles)
+        self.alive: list = []  # what `seen` holds ids of: no id is reused meanwhile
+        self.count = 0
 
-    def visit(fn, depth):
-        if id(fn) in seen or len(seen) >= _FUNCTIONS_MAX:
-            return
-        seen.add(id(fn))
-        for value in _read_from_outside(fn):
-            if isinstance(value, types.FunctionType):
-                if depth:
-                    visit(value, depth - 1)
-            else:
-                found.append(_value_key(value))
+    def key(self, value, depth: int = _READ_DEPTH):
+        self.count += 1
+        if self.count > _OBJECTS_MAX:
+            raise _Opaque
+        if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+            return type(value).__name__, value  # 1, 1.0 and True trace differently
+        if isinstance(value, (np.ndarray, np.generic)):
+            return _array_key(value)
+        if isinstance(value, jax.Array):
+            return _Identity(value)
+        if id(value) in self.seen:
+            return "seen", self.seen[id(value)]
+        self.seen[id(value)] = len(self.seen)
+        self.alive.append(value)
+        if isinstance(value, types.ModuleType):
+            if _is_library(value.__name__):
+                return "library", _Identity(value)
+            raise _Opaque  # a user's module: any of its attributes may change
+        if isinstance(value, (types.BuiltinFunctionType, np.ufunc, type)):
+            return "constant", _Identity(value)
+        if isinstance(value, types.MethodType):
+            return "method", self.key(value.__func__, depth), self.key(value.__self__)
+        if isinstance(value, types.FunctionType):
+            if _is_library(value.__module__) and value.__closure__ is None:
+                return "library", _Identity(value)
+            if depth <= 0:
+                raise _Opaque
+            return "function", _Identity(value), self._reads(value, depth - 1)
+        if isinstance(value, ft.partial):
+            parts = (value.func, value.args, value.keywords)
+            return "partial", self.key(parts, depth)
+        if isinstance(value, (tuple, list)):
+            return type(value).__name__, tuple(self.key(v, depth) for v in value)
+        if isinstance(value, (set, frozenset)):
+            return "set", tuple(sorted(repr(self.key(v, depth)) for v in value))
+        if isinstance(value, dict):
+            items = value.items()
+            return "dict", tuple((self.key(k), self.key(v, depth)) for k, v in items)
+        if isinstance(value, eqx.Module):
+            leaves, treedef = jax.tree.flatten(value)
+            return "module", treedef, tuple(self.key(v, depth) for v in leaves)
+        if _is_library(type(value).__module__):
+            if isinstance(value, np.dtype):
+                return "dtype", value.str
+            if not callable(value):  # a library's container or state: unseen
+                raise _Opaque
+            wrapped = getattr(value, "__wrapped__", None)  # jax.jit(f), ft.wraps
+            return "library", _Identity(value), self.key(wrapped, depth)
+        state = getattr(value, "__dict__", None)
+        if not isinstance(state, dict) or hasattr(type(value), "__slots__"):
+            raise _Opaque  # state we cannot see
+        call = type(value).__call__ if callable(value) else None
+        return "object", _Identity(type(value)), self.key((call, state), depth)
 
-    for function in functions:
-        for leaf in _python_functions(function):
-            visit(leaf, _READ_DEPTH)
-    return tuple(key for key in found if key is not None)
+    def _reads(self, fn: types.FunctionType, depth: int) -> tuple:
+        cells = []
+        for cell in fn.__closure__ or ():
+            try:
+                cells.append(self.key(cell.cell_contents, depth))
+            except ValueError:  # a cell not yet filled
+                cells.append(None)
+        module_globals = fn.__globals__
+        names = [n for n in _names(fn.__code__) if n in module_globals]
+        defaults = (fn.__defaults__, fn.__kwdefaults__)
+        return (
+            tuple(cells),
+            tuple((n, self.key(module_globals[n], depth)) for n in names),
+            self.key(defaults, depth),
+        )
 
 
-def _python_functions(obj) -> list[types.FunctionType]:
-    """The plain Python functions in `obj`: itself, a bound method's function, or the
-    function leaves of a pytree (an `equinox.Module` holding the user's functions)."""
-    if isinstance(obj, types.MethodType):
-        obj = obj.__func__
-    if isinstance(obj, types.FunctionType):
-        return [obj]
-    leaves = jax.tree.leaves(obj, is_leaf=lambda x: isinstance(x, types.MethodType))
-    found = []
-    for leaf in leaves:
-        if isinstance(leaf, types.MethodType):
-            leaf = leaf.__func__
-        if isinstance(leaf, types.FunctionType):
-            found.append(leaf)
-    return found
+def _is_library(module_name: str | None) -> bool:
+    return (module_name or "").split(".")[0] in _LIBRARIES
 
 
-def _read_from_outside(fn: types.FunctionType) -> list:
-    values = []
-    for cell in fn.__closure__ or ():
-        try:
-            values.append(cell.cell_contents)
-        except ValueError:  # a cell not yet filled
-            pass
-    module_globals = fn.__globals__
-    values += [module_globals[n] for n in _names(fn.__code__) if n in module_globals]
-    return values
+def _array_key(value):
+    if value.nbytes <= _CONTENT_BYTES_MAX:
+        return "numpy", value.shape, value.dtype.str, value.tobytes()
+    if value.nbytes <= _DIGEST_BYTES_MAX:
+        digest = hashlib.blake2b(np.ascontiguousarray(value).view(np.uint8)).digest()
+        return "numpy", value.shape, value.dtype.str, digest
+    raise _Opaque
 
 
 @ft.lru_cache(maxsize=4096)
@@ -337,18 +397,6 @@ def _names(code: types.CodeType) -> tuple[str, ...]:
         if isinstance(const, types.CodeType):
             names.update(_names(const))
     return tuple(sorted(names))
-
-
-def _value_key(value):
-    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
-        return type(value).__name__, value  # 1, 1.0 and True trace differently
-    if isinstance(value, (np.ndarray, np.generic)):
-        if value.nbytes <= _CONTENT_BYTES_MAX:
-            return "numpy", value.shape, value.dtype.str, value.tobytes()
-        return _Identity(value)
-    if isinstance(value, jax.Array):
-        return _Identity(value)
-    return None
 
 
 class _Identity:

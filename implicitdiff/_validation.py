@@ -132,7 +132,11 @@ def check_conditions_output(
 def conditions_failed(c: PyTree, y: PyTree, tolerance: float) -> Bool[Array, ""]:
     """Whether ‖c(x, y)‖ > tol·(1 + ‖y‖): a forward that stopped early must not yield
     outputs or derivatives that look fine. A non-finite `y` fails too: with
-    `‖y‖ = inf` the test itself would pass."""
+    `‖y‖ = inf` the test itself would pass. `tol` is at least 8ε of the least
+    precise floating dtype of `y`: rounding alone puts a bfloat16 `y` (ε = 2⁻⁷) past
+    the default 1e-3."""
+    epsilons = [jnp.finfo(leaf.dtype).eps for leaf in jax.tree.leaves(y)]
+    tolerance = max([tolerance] + [8 * float(eps) for eps in epsilons])
     norm_y = tree_norm(y)
     satisfied = tree_norm(c) <= tolerance * (1 + norm_y)
     return ~(satisfied & jnp.isfinite(norm_y))

@@ -192,3 +192,32 @@ def test_tree_norm_does_not_overflow_the_leaf_type(n, dtype, magnitude):
         broken = {"a": leaf.at[n // 2].set(bad), "b": leaf[:3]}
         result = float(jax.jit(tree_norm)(broken))
         assert np.isnan(result) if np.isnan(bad) else result == np.inf
+
+
+def test_a_large_float32_output_is_not_refused():
+    """y of 10²⁰ in float32: ‖y‖² overflowed the check's norm, which then refused a
+    correct forward (NaN and a warning that blamed it)."""
+    A = jnp.array([[2.0, 1.0], [1.0, 3.0]], jnp.float32)
+    f = idf.ImplicitFunction(lambda x: jnp.linalg.solve(A, x), lambda x, y: A @ y - x)
+    x = jnp.array([1.0, 2.0], jnp.float32) * 1e20
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, jacobian = jax.jit(lambda x: (f(x), jax.jacrev(f)(x)))(x)
+    inverse = np.linalg.inv(np.asarray(A, np.float64))
+    np.testing.assert_allclose(y, inverse @ np.asarray(x, np.float64), rtol=1e-6)
+    np.testing.assert_allclose(jacobian, inverse, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_16_bit_rounding_is_not_a_failed_check(dtype):
+    """A correctly rounded bfloat16 √x misses y² = x by ~ε = 2⁻⁷, past the default
+    1e-3: the check refused every bfloat16 forward. A forward 20 % off still fails."""
+    x = jnp.array([2.0, 3.0, 5.0, 7.0], dtype)
+    conditions = lambda x, y: y**2 - x  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = jax.jit(idf.ImplicitFunction(jnp.sqrt, conditions))(x)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.sqrt([2, 3, 5, 7]), 1e-2)
+    wrong = idf.ImplicitFunction(lambda x: 1.2 * jnp.sqrt(x), conditions)
+    with pytest.warns(RuntimeWarning, match="does not satisfy the conditions"):
+        assert bool(jnp.all(jnp.isnan(jax.jit(wrong)(x))))

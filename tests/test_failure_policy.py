@@ -167,3 +167,23 @@ def test_check_conditions_catches_a_forward_stopped_early(policy):
     np.testing.assert_allclose(
         jax.grad(lambda x: jnp.sum(good(x)))(x), 0.5 / jnp.sqrt(x)
     )
+
+
+def test_raise_outside_jit_is_our_error_for_a_failed_check():
+    """An eager call whose forward fails its check raises `OnFailureError` itself
+    (it came out as JAX's `JaxRuntimeError`, which `except OnFailureError` missed);
+    a failed solve inside an eager derivative still reaches the user as JAX's error,
+    whose last line is ours."""
+    stalled = idf.ImplicitFunction(
+        lambda x: jnp.zeros(2), lambda x, y: y - x, on_failure="raise"
+    )
+    with pytest.raises(idf.OnFailureError, match="does not satisfy the conditions"):
+        stalled(jnp.ones(2))
+    singular = idf.ImplicitFunction(
+        lambda x: jnp.array([0.5, 0.5]),
+        lambda x, y: jnp.array([y[0] + y[1], y[0] + y[1]]) - x,
+        on_failure="raise",
+        check_conditions=None,
+    )
+    with pytest.raises(jax.errors.JaxRuntimeError, match="OnFailureError: "):
+        jax.grad(lambda x: singular(x).sum())(jnp.ones(2))

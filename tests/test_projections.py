@@ -254,3 +254,22 @@ def test_prox_per_element_strength_on_a_pytree_under_vmap():
     batch = jnp.stack([v["w"], -v["w"]])
     out = jax.vmap(prox.non_negative_l1, in_axes=(0, None))(batch, 0.2)
     np.testing.assert_allclose(out, np.maximum(np.asarray(batch) - 0.2, 0))
+
+
+@pytest.mark.full_optimisation
+def test_simplex_with_a_scale_below_the_rounding_unit_of_v():
+    """`s[0] − scale` rounds to `s[0]` and no element qualified for the support: the
+    threshold was taken from the last candidate (P(v) = [0.1667, 0.0667, 0] for a
+    scale of 1e-30, off the simplex). Now the projection is right to the rounding
+    unit of `max v`, and inside the ball for `l1_ball`."""
+    for v, scale in (
+        (jnp.array([3e7, 1.0, 0.0], jnp.float32), 1.0),
+        (jnp.array([0.3, 0.2, -0.1]), 1e-30),
+        (jnp.array([1e17, 5e16, 0.0]), 1.0),
+    ):
+        p = np.asarray(jax.jit(projections.simplex)(v, scale))
+        ulp = float(np.spacing(np.max(np.abs(np.asarray(v)))))
+        assert np.all(p >= 0) and abs(p.sum() - scale) <= ulp
+        assert np.all(p[1:] == 0)
+    ball = projections.l1_ball(jnp.array([0.3, 0.2, -0.1]), 1e-30)
+    assert float(jnp.sum(jnp.abs(ball))) <= 1e-30 + np.spacing(0.3)

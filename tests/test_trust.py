@@ -21,7 +21,7 @@ import scipy.sparse as sp
 from jax.experimental import sparse as jsparse
 
 import implicitdiff as idf
-from implicitdiff._misc import credible, max_or_nan, singular_threshold
+from implicitdiff._misc import credible, max_or_nan, singular_threshold, tree_norm
 
 # These problems test the linear solves: their forwards return a point chosen for the
 # system (often y = 0 for a linear c), not a solution of the conditions, which the
@@ -459,6 +459,77 @@ def test_16_bit_solved_or_refused_when_tracing(name, dtype):
     assert all_nan(singular_ones)
 
 
+# lineax 0.1's LSMR cannot trace a float32 system when float64 is enabled (a `select`
+# of float32 and float64 in lsmr.py), as these tests run.
+NO_FLOAT32_WITH_X64 = ("Lineax-LSMR",)
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in EVERY_SOLVER if n != "user" and n not in NO_FLOAT32_WITH_X64]
+)
+def test_tiny_and_huge_right_hand_sides_in_float32(name):
+    """Tangents and cotangents of 10⁻²² and 10²² in float32, whose squares underflow
+    or overflow: the Krylov methods stopped at x = 0 (‖b‖² = 0 passed their test),
+    SciPy's gmres and cg returned answers off by 0.4 % and 7.5 % (their subnormal
+    norms), and large ones were refused. Every solver now gives A⁻¹b to float32
+    accuracy."""
+    A = np.array([[4.0, -1.0, 0.0], [-1.0, 3.0, -1.0], [0.0, -1.0, 2.0]])
+    f = lin(A.astype(np.float32), EVERY_SOLVER[name])
+    x = jnp.ones(3, jnp.float32)
+    direction = np.array([1.0, 2.0, -1.0])
+
+    @jax.jit
+    def derivatives(t):
+        return jax.jvp(f, (x,), (t,))[1], jax.vjp(f, x)[1](t)[0]
+
+    for scale in (1e-22, 1e22):
+        t = jnp.asarray(direction * scale, jnp.float32)
+        expected = np.linalg.solve(A, direction)  # A is symmetric: jvp = vjp
+        for got in derivatives(t):
+            got = np.asarray(got, np.float64) / scale
+            np.testing.assert_allclose(got, expected, rtol=2e-4, err_msg=name)
+
+
+def test_tree_norm_neither_overflows_nor_underflows():
+    """One pass, two sums: a plain sum of squares is inf from 1.8·10¹⁹ in float32,
+    and XLA folds a product of two scale constants into one that underflows."""
+    rng = np.random.default_rng(0)
+    for n in (10, 100_000):
+        v = rng.standard_normal(n)
+        for dtype, scales in (
+            (np.float32, (1e-15, 1.0, 1e14, 1e20, 1e35)),
+            (np.float64, (1e-100, 1.0, 1e149, 1e160, 1e300)),
+        ):
+            for scale in scales:
+                a = jnp.asarray(v * scale, dtype)
+                exact = np.linalg.norm(np.asarray(a, np.float64) / scale) * scale
+                got = float(jax.jit(tree_norm)(a))
+                assert got == pytest.approx(exact, rel=1e-5), (dtype, n, scale)
+        # both sums at once, and a norm beyond the range is inf
+        mixed = jnp.asarray(np.where(np.arange(n) % 2, 1e14, 3e15) * v, np.float32)
+        exact = np.linalg.norm(np.asarray(mixed, np.float64))
+        assert float(jax.jit(tree_norm)(mixed)) == pytest.approx(exact, rel=1e-5)
+        assert float(tree_norm(jnp.full(n, 3e38, jnp.float32))) == np.inf
+        assert np.isnan(float(tree_norm(jnp.asarray(v).at[n // 2].set(np.nan) * 1e300)))
+
+
+def test_zero_solution_of_a_nonzero_system_is_refused():
+    """`x = 0` solves `A x = b` only for `b = 0`: a solver that stops at once (its
+    norms underflowed, say) is caught, not believed."""
+
+    class StopsAtZero(idf.AbstractLinearSolver):
+        def presolve(self, A, y):
+            return None
+
+        def solve(self, state, b):
+            return jax.tree.map(jnp.zeros_like, b)
+
+    f = lin(np.eye(2), StopsAtZero(), on_failure="warn")
+    with pytest.warns(RuntimeWarning, match="StopsAtZero did not solve"):
+        assert all_nan(jax.jit(jax.jacfwd(f))(jnp.ones(2)))
+    assert bool(credible(jnp.asarray(1.0), jnp.zeros(2), jnp.zeros(2)))
+
+
 def test_credible_does_not_overflow_in_16_bit():
     """`‖A‖∞‖x‖∞ = 6·10⁶` against `threshold·‖b‖∞ ≈ 3·10⁵`: a numerically singular
     system, refused; in float16 both products overflow to inf, and inf ≤ inf."""
@@ -548,6 +619,44 @@ def test_complex_works_or_refused_at_trace_time(name):
         assert type(solver).__name__ in str(e)
         return
     assert np.allclose(J, np.linalg.inv(A), atol=1e-8), name
+
+
+@pytest.mark.parametrize("n", [1, 40])
+@pytest.mark.parametrize(
+    "name", ["Auto", "Direct", "Lineax-LU", "SciPy-splu", "LeastSquares-cholesky"]
+)
+def test_conditions_not_complex_differentiable_are_refused(name, n):
+    """`c = y + ½·conj(y) − x` has a ∂c/∂y that is only real-linear: every solver
+    that takes complex systems returned a finite wrong derivative (jvp 0.67i for the
+    true 2i). It is NaN now, in real and imaginary parts, with the warning; a
+    holomorphic condition on the same unknowns still works."""
+    solver = EVERY_SOLVER[name]
+    M = np.eye(n) + 0.1 * np.diag(np.ones(n - 1), 1)  # not diagonal from n = 2
+
+    def forward(x):  # Re y = M⁻¹ Re x / 1.5, Im y = M⁻¹ Im x / 0.5
+        inverse = jnp.linalg.inv(jnp.asarray(M))
+        return inverse @ jnp.real(x) / 1.5 + 1j * (inverse @ jnp.imag(x)) / 0.5
+
+    f = idf.ImplicitFunction(
+        forward,
+        lambda x, y: jnp.asarray(M) @ (y + 0.5 * jnp.conj(y)) - x,
+        linear_solver=solver,
+    )
+    x, t = jnp.full(n, 1.0 + 2.0j), jnp.full(n, 1.0j)
+    with pytest.warns(RuntimeWarning, match="not complex-differentiable"):
+        tangent = jax.jvp(f, (x,), (t,))[1]
+    with pytest.warns(RuntimeWarning, match="not complex-differentiable"):
+        gradient = jax.grad(lambda x: jnp.sum(jnp.abs(f(x)) ** 2))(x)
+    for value in (tangent, gradient):
+        assert np.all(np.isnan(np.real(value)) & np.isnan(np.imag(value)))
+    holomorphic = idf.ImplicitFunction(
+        lambda x: jnp.linalg.solve(jnp.asarray(M, complex), x),
+        lambda x, y: jnp.asarray(M) @ y - x,
+        linear_solver=solver,
+    )
+    np.testing.assert_allclose(
+        jax.jvp(holomorphic, (x,), (t,))[1], np.linalg.solve(M, t), rtol=1e-10
+    )
 
 
 def test_auto_delegates_its_certificate():

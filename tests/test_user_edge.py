@@ -1,6 +1,7 @@
 """A user's mistakes and habits: the default condition check, inputs the conditions
 ignore, closures, keyword arguments, and errors that name the fix."""
 
+import functools as ft
 import warnings
 
 import jax
@@ -292,9 +293,10 @@ def test_eager_calls_compile_once_and_untraceable_forwards_still_run_eagerly():
     derivative neither re-traces the conditions nor runs them op by op. A forward that
     cannot be traced (Python control flow on values, NumPy) still runs eagerly."""
     traced = []
+    record = traced.append  # a builtin method: keyed by identity, not by the list
 
     def conditions(x, y):
-        traced.append(1)
+        record(1)
         return y**2 - x
 
     f = idf.ImplicitFunction(jnp.sqrt, conditions)
@@ -375,9 +377,10 @@ def test_python_floats_in_the_configuration_keep_the_cache():
     eager call is compiled and cached as with the defaults, so a second call of a
     derivative traces nothing, and both are right."""
     traces = []
+    record = traces.append  # a builtin method: keyed by identity, not by the list
 
     def conditions(x, y):
-        traces.append(None)
+        record(None)
         return y**2 - x
 
     f = idf.ImplicitFunction(
@@ -449,10 +452,12 @@ def test_implicit_functions_nested_in_forward_and_conditions():
 SCALE = 2.0
 SMALL_TABLE = np.array([2.0])
 TRACES = []
+# A builtin method: what reads the list's contents keys the cache on them, this not
+_RECORD_TRACE = TRACES.append
 
 
 def _scaled_sqrt(x):
-    TRACES.append(1)  # runs once per trace
+    _RECORD_TRACE(1)  # runs once per trace
     return jnp.sqrt(x) * _current_scale()
 
 
@@ -481,6 +486,135 @@ def test_a_changed_global_is_seen_by_the_next_eager_call():
     SMALL_TABLE = np.array([4.0])  # rebound
     np.testing.assert_allclose(f(X), 6.0 * np.sqrt(X), rtol=1e-6)
     SCALE, SMALL_TABLE = 2.0, np.array([2.0])
+
+
+class _Scaled:
+    """A plain object whose attribute the forward and the conditions read."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def forward(self, x):
+        return jnp.sqrt(x) * self.scale
+
+    def conditions(self, x, y):
+        return (y / self.scale) ** 2 - x
+
+
+class _CallableConditions:
+    def __init__(self, table):
+        self.table = table  # a dict, changed in place
+
+    def __call__(self, x, y):
+        return (y / self.table["scale"]) ** 2 - x
+
+
+def _three_deep():
+    return _two_deep()
+
+
+def _two_deep():
+    return _one_deep()
+
+
+def _one_deep():
+    return SCALE
+
+
+LARGE_TABLE = np.ones(20_000)  # 160 kB: keyed by a digest of its bytes
+
+
+def test_values_read_through_objects_dicts_partials_and_arguments_are_seen():
+    """Each way a forward reads a value that a loop changes, from the same line:
+    every eager call (value and gradient) must see the current one, as an
+    uncompiled call would. An attribute of an object, a dict changed in place, a
+    `functools.partial`, a callable object, a global read three calls deep, a
+    function passed as an argument, a large NumPy array changed in place."""
+    global SCALE
+    problem = _Scaled(2.0)
+    table = {"scale": 2.0}
+
+    def by_partial(x, scale_of):
+        return jnp.sqrt(x) * scale_of()
+
+    def with_argument(x, scale_of):
+        return jnp.sqrt(x) * scale_of()
+
+    def with_argument_conditions(x, y, scale_of):
+        return (y / scale_of()) ** 2 - x
+
+    cases = {
+        "attribute": (
+            idf.ImplicitFunction(problem.forward, problem.conditions),
+            lambda v: setattr(problem, "scale", v),
+            (),
+        ),
+        "callable object, dict": (
+            idf.ImplicitFunction(
+                lambda x: jnp.sqrt(x) * table["scale"], _CallableConditions(table)
+            ),
+            lambda v: table.__setitem__("scale", v),
+            (),
+        ),
+        "partial, three deep": (
+            idf.ImplicitFunction(
+                ft.partial(by_partial, scale_of=_three_deep),
+                ft.partial(with_argument_conditions, scale_of=_three_deep),
+            ),
+            lambda v: globals().__setitem__("SCALE", v),
+            (),
+        ),
+        "argument": (
+            idf.ImplicitFunction(with_argument, with_argument_conditions),
+            lambda v: globals().__setitem__("SCALE", v),
+            (_three_deep,),
+        ),
+        "large array in place": (
+            idf.ImplicitFunction(
+                lambda x: jnp.sqrt(x) * LARGE_TABLE[7],
+                lambda x, y: (y / LARGE_TABLE[7]) ** 2 - x,
+            ),
+            lambda v: LARGE_TABLE.__setitem__(7, v),
+            (),
+        ),
+    }
+    try:
+        for name, (f, set_scale, args) in cases.items():
+            gradient = jax.grad(lambda x: f(x, *args).sum())  # noqa: B023
+            for scale in (2.0, 3.0, 5.0):
+                set_scale(scale)
+                np.testing.assert_allclose(
+                    f(X, *args), scale * np.sqrt(X), rtol=1e-6, err_msg=name
+                )
+                np.testing.assert_allclose(
+                    gradient(X), scale * 0.5 / np.sqrt(X), rtol=1e-6, err_msg=name
+                )
+    finally:
+        SCALE, LARGE_TABLE[7] = 2.0, 1.0
+
+
+def test_state_that_cannot_be_seen_runs_eagerly():
+    """An object whose state is in slots: its calls run eagerly, and stay right."""
+    from implicitdiff._user_code import OPAQUE, outside_values
+
+    class Slotted:
+        __slots__ = ("scale",)
+
+        def __init__(self):
+            self.scale = 2.0
+
+        def forward(self, x):
+            return jnp.sqrt(x) * self.scale
+
+        def conditions(self, x, y):
+            return (y / self.scale) ** 2 - x
+
+    problem = Slotted()
+    assert outside_values(problem.forward, problem.conditions) is OPAQUE
+    f = idf.ImplicitFunction(problem.forward, problem.conditions)
+    for scale in (2.0, 3.0):
+        problem.scale = scale
+        np.testing.assert_allclose(f(X), scale * np.sqrt(X), rtol=1e-6)
 
 
 def test_a_rebound_jax_array_is_seen_and_a_dead_one_matches_nothing():

@@ -20,21 +20,39 @@ def iterate_to_tolerance(
     `‖r‖` (at most `refinements` times). A method that reports no convergence
     (`info ≠ 0`) fails at once, so its `maxiter` is a real cap. Returns NaN when not
     accepted.
+
+    The method runs on `b·2⁻ᵉ` with `max|b·2⁻ᵉ|` in [½, 1) (exact): with a `b` of
+    10⁻²² in float32 the squares in its norms were subnormal, their sums lost their
+    digits, and a wrong `x` passed both tests; above 10¹⁹ they overflowed.
     """
-    tolerance = atol + rtol * np.linalg.norm(b)
+    down, up = _powers_of_two(b)
+    b = b * down
+    tolerance = atol * down + rtol * np.linalg.norm(b)
     x = np.zeros_like(b)
     r = b
     for _ in range(1 + refinements):
         if np.linalg.norm(r) <= tolerance:
-            return x
+            return x * up
         correction, info = run(r)
         if info != 0 or not np.all(np.isfinite(correction)):
             break
         x = x + correction
         r = b - csr @ x
     if np.linalg.norm(r) <= tolerance:
-        return x
+        return x * up
     return np.full_like(b, np.nan)
+
+
+def _powers_of_two(b: np.ndarray) -> tuple[np.generic, np.generic]:
+    """`(2⁻ᵉ, 2ᵉ)` in `b`'s real dtype, with `max|b| = m·2ᵉ`, `m` in [½, 1) (1 and 1
+    for a zero or non-finite `b`); `e` clipped to ±¾ of the dtype's largest
+    exponent, so that both are normal numbers and scaling by them is exact."""
+    real = np.finfo(b.dtype).dtype
+    largest = np.max(np.abs(b), initial=0.0)
+    exponent = int(np.frexp(largest)[1]) if np.isfinite(largest) else 0
+    limit = np.finfo(real).maxexp * 3 // 4
+    exponent = min(max(exponent, -limit), limit)
+    return real.type(np.ldexp(1.0, -exponent)), real.type(np.ldexp(1.0, exponent))
 
 
 def csr_nbytes(matrix) -> int:

@@ -200,7 +200,11 @@ def _assemble_coloured(flat_fn, flat_in, pattern, rows, cols):
         products = jnp.stack([seeded(c) for c in range(colouring.n_colours)])
     else:
         products = jax.vmap(seeded)(jnp.arange(colouring.n_colours))
-    probe = pseudo_random_probe(flat_in.shape[0], dtype)
+    # Entries of magnitude in (1, 2): a missing entry of row i then shifts row i of
+    # the product by at least its own size, which `_agrees` sees from 2√ε of the
+    # row's scale on (an entry of (−1, 1) near 0 could hide one of any size).
+    signed = pseudo_random_probe(flat_in.shape[0], dtype)
+    probe = jnp.sign(signed) + signed
     # Entry (i, j) is row i of the product for j's colour: no other column of that
     # colour has an entry in row i.
     n_rows = pattern.shape[0]
@@ -212,10 +216,13 @@ def _assemble_coloured(flat_fn, flat_in, pattern, rows, cols):
 
 
 def _agrees(operator: SparseLinearOperator, probe, expected) -> jax.Array:
-    """Whether the sparse matrix reproduces the JVP in the direction `probe`, row by
-    row: the error of each row against that row's own scale, so that a row a million
-    times larger than another cannot hide a missing entry there. The floor, `ε` times
-    the largest row scale, absorbs the rounding of rows that cancel to zero."""
+    """Whether the sparse matrix reproduces the JVP in the direction `probe` (entries
+    of magnitude in (1, 2)), row by row: the error of each row against that row's own
+    scale, so that a row a million times larger than another cannot hide a missing
+    entry there. A missing entry smaller than about `2√ε` of its row's absolute sum
+    can pass (7·10⁻⁴ in float32, 3·10⁻⁸ in float64): its effect on a derivative is
+    of that order. The floor, `ε` times the largest row scale, absorbs the rounding
+    of rows that cancel to zero."""
     terms = operator.data * take(probe, operator.cols)
     product = operator.row_sums(terms)
     scale = operator.row_sums(jnp.abs(terms))
