@@ -99,10 +99,9 @@ def tree_norm(tree: PyTree[Array]) -> Float[Array, ""]:
         is_large = magnitude > threshold  # False for NaN: counted in `small`
         small += jnp.sum(jnp.where(is_large, 0, magnitude) ** 2)
         large += jnp.sum(jnp.where(is_large, magnitude * scale, 0) ** 2)
-    # The barrier: XLA would fold (small·scale)·scale into small·scale², and scale²
-    # underflows float32.
-    small_scaled = lax.optimization_barrier(small * scale) * scale
-    both = jnp.sqrt(large + small_scaled) / scale
+    # hypot, not √(large + small·scale²)/scale: XLA folds (small·scale)·scale into
+    # small·scale², and scale² underflows float32.
+    both = jnp.hypot(jnp.sqrt(large) / scale, jnp.sqrt(small))
     return jnp.where(large > 0, both, jnp.sqrt(small))
 
 
