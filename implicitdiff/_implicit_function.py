@@ -283,8 +283,7 @@ def _is_float(leaf) -> bool:
 def _poison_unless(sound, tangents, y_dot, z_dot):
     """`y_dot` and `z_dot` plus `poison_term`: all NaN unless `sound` (the check
     passed and `y` is finite), in both modes, also with respect to inputs the
-    conditions ignore. Added after the solve, which therefore does not wait for the
-    check."""
+    conditions ignore."""
     term = poison_term(~sound, tangents)
     y_dot = jax.tree.map(lambda leaf: add_poison(term, leaf), y_dot)
     return y_dot, jax.tree.map(lambda leaf: add_poison(term, leaf), z_dot)
