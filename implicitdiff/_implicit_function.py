@@ -198,7 +198,9 @@ class ImplicitFunction(eqx.Module):
                 # forward (the README's 30 Newton steps) into 30 fusions (3× the
                 # compile time). The rule's factorisation then waits for the check.
                 y, z = jax.tree.map(
-                    lambda leaf: nan_where(failed, leaf) if _is_float(leaf) else leaf,
+                    lambda leaf: (
+                        nan_where(failed, leaf) if is_inexact_array(leaf) else leaf
+                    ),
                     (y, z),
                 )
             out_arrays, out_static = eqx.partition((y, z), eqx.is_array)
@@ -274,10 +276,6 @@ def _linearise(fn: Callable, y) -> Callable:
 def _moving(tangents):
     """A filter spec: True for the leaves whose tangent is not a symbolic zero."""
     return jax.tree.map(lambda t: not isinstance(t, SymbolicZero), tangents)
-
-
-def _is_float(leaf) -> bool:
-    return eqx.is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.inexact)
 
 
 def _poison_unless(sound, tangents, y_dot, z_dot):

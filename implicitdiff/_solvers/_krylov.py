@@ -257,5 +257,5 @@ def _binary_exponent(b: Inexact[Array, " n"]) -> Int[Array, ""]:
     so that `2^±e` itself is a normal number: scaling by it is exact."""
     largest = max_abs(b)
     _, exponent = jnp.frexp(jnp.where(jnp.isfinite(largest), largest, 0))
-    limit = jnp.finfo(largest.dtype).maxexp // 4 * 3
+    limit = jnp.finfo(largest.dtype).maxexp * 3 // 4
     return jnp.clip(exponent, -limit, limit)
