@@ -9,7 +9,7 @@ import lineax as lx
 import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
-from jaxtyping import Array, Bool, Float, PyTree
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
 
 def structure(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
@@ -252,6 +252,17 @@ def max_abs(tree: PyTree[Array]) -> Float[Array, ""]:
     if len(leaves) == 1:
         return max_or_nan(jnp.abs(leaves[0])).astype(dtype)
     return max_or_nan(jnp.stack([max_or_nan(jnp.abs(v)).astype(dtype) for v in leaves]))
+
+
+def binary_exponent(tree: PyTree[Array]) -> Int[Array, ""]:
+    """`e` with `max|element| = m·2ᵉ` over the leaves, `m` in [½, 1); 0 for zeros
+    or non-finite elements (whose NaN or inf the caller's check then rejects).
+    Clipped to ±¾ of the dtype's largest exponent, so that `2^±e` itself is a normal
+    number: scaling by it is exact."""
+    largest = max_abs(tree)
+    _, exponent = jnp.frexp(jnp.where(jnp.isfinite(largest), largest, 0))
+    limit = jnp.finfo(largest.dtype).maxexp * 3 // 4
+    return jnp.clip(exponent, -limit, limit)
 
 
 def at_least_32_bit(dtype) -> np.dtype:

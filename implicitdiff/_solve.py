@@ -15,6 +15,7 @@ from ._failure import CallSite, OnFailure, announce, apply_policy
 from ._misc import (
     add_poison,
     all_finite,
+    binary_exponent,
     credible,
     max_abs,
     poison_term,
@@ -73,15 +74,29 @@ def solve_linearised(
         return unravel(flat, y_structure)
     matvec, tags = A, ()
     if isinstance(solver, LeastSquares):
-        # Normal equations AᴴA ẏ = Aᴴ rhs: square and Hermitian, so custom_linear_solve
-        # applies and the transpose (a VJP) is the minimum-norm solve of Aᵀu = v. With
-        # complex unknowns AᵀA would be complex symmetric, not positive definite.
+        # Normal equations (cA)ᴴ(cA) ẏ = (cA)ᴴ(c·rhs): square and Hermitian, so
+        # custom_linear_solve applies and the transpose (a VJP) is the minimum-norm
+        # solve of Aᵀu = v. With complex unknowns AᵀA would be complex symmetric, not
+        # positive definite. `c`, a power of two, keeps AᴴA within range: conditions
+        # scaled by 1e160 (1e20 in float32) square past the largest float, and a
+        # forward-mode right-hand side that overflows would pass for NaN input.
         At = jax.linear_transpose(A, y_structure)
+        inner, outer = _normal_equations_scale(A, y_structure)
 
-        def adjoint(v):
-            return jax.tree.map(jnp.conj, At(jax.tree.map(jnp.conj, v))[0])
+        def scaled(c, v):
+            return jax.tree.map(lambda leaf: c.astype(leaf.real.dtype) * leaf, v)
 
-        matvec, rhs = (lambda v: adjoint(A(v))), adjoint(rhs)
+        def cA(v):  # half of c before A, half after: no intermediate leaves range
+            return scaled(outer, A(scaled(inner, v)))
+
+        def adjoint(v):  # (cA)ᴴ
+            conj = jax.tree.map(jnp.conj, scaled(inner, v))
+            return scaled(outer, jax.tree.map(jnp.conj, At(conj)[0]))
+
+        matvec, rhs = (
+            (lambda v: adjoint(cA(v))),
+            adjoint(scaled(inner, scaled(outer, rhs))),
+        )
         if not any(jnp.issubdtype(leaf.dtype, jnp.complexfloating) for leaf in leaves):
             tags = (lx.symmetric_tag, lx.positive_semidefinite_tag)
     operator = representation.operator(matvec, structure(rhs))
@@ -193,6 +208,26 @@ def _nan_unless_complex_linear(
     )
     term = poison_term(announce(not_linear, on_failure, message, site), rhs)
     return jax.tree.map(lambda leaf: add_poison(term, leaf), rhs)
+
+
+def _normal_equations_scale(A: Callable, y_structure: PyTree) -> tuple[Array, Array]:
+    """`(a, b)`, powers of two with `a·b = 2⁻ᵉ` and `2ᵉ` about the size of `A`'s
+    entries, from one product with a fixed probe whose entries are at most `2/n` (so
+    that it cannot overflow): `c·A = b·A(a·v)` has entries of order one, and
+    `(cA)ᴴ(cA)` neither overflows nor underflows. Both 1 when the product is zero or
+    not finite (its NaN then fails the solve)."""
+    n = size(y_structure)
+
+    def probe(leaf):  # golden-angle phases: no structure a condition would cancel
+        k = jnp.arange(leaf.size).reshape(leaf.shape)
+        phases = jnp.exp(2.399963j * k) if _is_complex(leaf) else jnp.cos(2.399963 * k)
+        return ((1 + k / n) / n * phases).astype(leaf.dtype)
+
+    exponent = binary_exponent(A(jax.tree.map(probe, y_structure)))
+    one = jnp.ones((), jnp.finfo(jnp.result_type(*jax.tree.leaves(y_structure))).dtype)
+    half = exponent // 2
+    scales = jnp.ldexp(one, -half), jnp.ldexp(one, half - exponent)
+    return lax.stop_gradient(scales)
 
 
 def _is_complex(leaf) -> bool:

@@ -19,10 +19,17 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Bool, Float, Inexact, Int, PyTree
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .. import _solve_log as solve_log
-from .._misc import at_least_32_bit, max_abs, nan_unless, ravel, size, unravel
+from .._misc import (
+    at_least_32_bit,
+    binary_exponent,
+    nan_unless,
+    ravel,
+    size,
+    unravel,
+)
 from ._base import AbstractLinearSolver
 from ._preconditioner import AbstractPreconditioner
 
@@ -221,7 +228,7 @@ class AbstractKrylovSolver(AbstractLinearSolver):
         # norms and inner products can neither overflow (|b| above 10¹⁹ in float32)
         # nor underflow to 0 (below 10⁻¹⁹, where ‖b‖ = 0 would stop the loop at once,
         # at x = 0).
-        exponent = _binary_exponent(b)
+        exponent = binary_exponent(b)
         b = jnp.ldexp(b, -exponent)
         b_norm = jnp.linalg.norm(b)
         tol = jnp.ldexp(jnp.asarray(atol, b_norm.dtype), -exponent) + rtol * b_norm
@@ -249,13 +256,3 @@ class AbstractKrylovSolver(AbstractLinearSolver):
             status={"breakdown": broke, "not converged": ~converged},
         )
         return nan_unless(converged, jnp.ldexp(x, exponent))
-
-
-def _binary_exponent(b: Inexact[Array, " n"]) -> Int[Array, ""]:
-    """`e` with `max|b| = m·2ᵉ`, `m` in [½, 1); 0 for a zero or non-finite `b` (whose
-    NaN or inf the loop then rejects). Clipped to ±¾ of the dtype's largest exponent,
-    so that `2^±e` itself is a normal number: scaling by it is exact."""
-    largest = max_abs(b)
-    _, exponent = jnp.frexp(jnp.where(jnp.isfinite(largest), largest, 0))
-    limit = jnp.finfo(largest.dtype).maxexp * 3 // 4
-    return jnp.clip(exponent, -limit, limit)
