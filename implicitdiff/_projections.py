@@ -113,7 +113,10 @@ def simplex(v: PyTree[ArrayLike], scale: ArrayLike = 1.0) -> PyTree[Array]:
     u = ravel(v)
     scale = jnp.asarray(scale, u.dtype)
     tau = _simplex_threshold(u, scale)
-    return unravel(jnp.where(u > tau, u - tau, 0), structure(v))
+    # `0·τ`: a NaN derivative of τ (a zero scale leaves the support empty, and the
+    # 1×1 system singular) reaches every output in forward mode too, where `where`
+    # would drop it outside the support and return a finite wrong d/d scale.
+    return unravel(jnp.where(u > tau, u - tau, 0) + 0 * tau, structure(v))
 
 
 def l1_ball(v: PyTree[ArrayLike], radius: ArrayLike = 1.0) -> PyTree[Array]:

@@ -273,3 +273,23 @@ def test_simplex_with_a_scale_below_the_rounding_unit_of_v():
         assert np.all(p[1:] == 0)
     ball = projections.l1_ball(jnp.array([0.3, 0.2, -0.1]), 1e-30)
     assert float(jnp.sum(jnp.abs(ball))) <= 1e-30 + np.spacing(0.3)
+
+
+@pytest.mark.parametrize(
+    "project, d_scale_at_one",
+    [(projections.simplex, [0.5, 0.5, 0.0]), (projections.l1_ball, [0.0, 0.5, -0.5])],
+)
+def test_zero_scale_derivative_is_nan_in_both_directions(project, d_scale_at_one):
+    """With a zero scale (radius) the support is empty and the threshold's 1×1 system
+    singular: its derivative is NaN (with the warning) in both modes. Forward mode
+    once returned d/d scale = 0 (the projection's `where` dropped the NaN outside the
+    support), where the one-sided derivative is a unit vector."""
+    v = jnp.array([0.3, 1.2, -0.5])
+    for jacobian in (jax.jacfwd, jax.jacrev):
+        with pytest.warns(RuntimeWarning, match="did not solve"):
+            _, d_scale = jacobian(project, argnums=(0, 1))(v, 0.0)
+        assert np.all(np.isnan(d_scale)), jacobian
+        # A positive scale is unaffected: on the support {1.2, 0.3} (simplex) or
+        # {1.2, −0.5} (ℓ1 ball), the scale is shared equally.
+        _, d_scale = jacobian(project, argnums=(0, 1))(v, 1.0)
+        np.testing.assert_allclose(d_scale, d_scale_at_one)
