@@ -236,8 +236,9 @@ class ImplicitFunction(eqx.Module):
             # Through ravel, every leaf of the rhs is linear in the tangents, even a
             # condition that does not involve x (which JAX could not transpose).
             rhs = unravel(-ravel(B_t), structure(B_t))
-            # A failed check or a non-finite y: NaN in, NaN out, not a failed solve
-            sound = ~failed & all_finite(y)
+            # A failed check or a non-finite y: NaN in, NaN out, not a failed solve.
+            # (The check fails on a non-finite y: no second pass over y then.)
+            sound = ~failed if self.check_conditions is not None else all_finite(y)
             y_dot = solve_linearised(
                 A, rhs, y, sound, solver, representation, self.on_failure, site
             )

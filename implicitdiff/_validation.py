@@ -11,7 +11,7 @@ import numpy as np
 from jaxtyping import Array, Bool, PyTree
 
 from ._failure import ON_FAILURE_CHOICES, CallSite, OnFailure, announce
-from ._misc import name_of, structure, tree_norm
+from ._misc import name_of, structure, tree_norms
 from ._solvers._base import AbstractLinearSolver
 from ._solvers._preconditioner import AbstractPreconditioner
 
@@ -137,8 +137,8 @@ def conditions_failed(c: PyTree, y: PyTree, tolerance: float) -> Bool[Array, ""]
     the default 1e-3."""
     epsilons = [jnp.finfo(leaf.dtype).eps for leaf in jax.tree.leaves(y)]
     tolerance = max([tolerance] + [8 * float(eps) for eps in epsilons])
-    norm_y = tree_norm(y)
-    satisfied = tree_norm(c) <= tolerance * (1 + norm_y)
+    norm_c, norm_y = tree_norms(c, y)
+    satisfied = norm_c <= tolerance * (1 + norm_y)
     return ~(satisfied & jnp.isfinite(norm_y))
 
 
