@@ -104,7 +104,8 @@ def simplex(v: PyTree[ArrayLike], scale: ArrayLike = 1.0) -> PyTree[Array]:
 
     - `v`: a pytree of arrays, projected as one vector (all its elements sum to
         `scale`).
-    - `scale`: the simplex's sum, positive.
+    - `scale`: the simplex's sum, positive. At zero every derivative is NaN (the
+        support is empty), with a `RuntimeWarning`.
 
     **Returns:**
 
@@ -126,7 +127,8 @@ def l1_ball(v: PyTree[ArrayLike], radius: ArrayLike = 1.0) -> PyTree[Array]:
     **Arguments:**
 
     - `v`: a pytree of arrays, projected as one vector.
-    - `radius`: the ball's radius, positive.
+    - `radius`: the ball's radius, positive. At zero every derivative is NaN, with a
+        `RuntimeWarning`.
 
     **Returns:**
 
