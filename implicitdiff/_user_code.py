@@ -286,7 +286,8 @@ def outside_values(*objects: Any) -> Any:
     see it, and run eagerly when it is `OPAQUE`. Followed: the closure cells and the
     module globals that functions name (and the functions among them, `_READ_DEPTH`
     calls deep), bound methods' objects, `functools.partial`s, `equinox.Module`s,
-    and the attributes of plain objects, the items of lists, tuples, dicts and sets,
+    and the attributes of plain objects, their classes' methods and attributes, the
+    items of lists, tuples, dicts and sets,
     all by value; NumPy arrays by content, JAX arrays (immutable) by identity.
     Modules and functions of the libraries in `_LIBRARIES` are not looked into.
     """
@@ -344,7 +345,8 @@ class _Reader:
             return "dict", tuple((self.key(k), self.key(v, depth)) for k, v in items)
         if isinstance(value, eqx.Module):
             leaves, treedef = jax.tree.flatten(value)
-            return "module", treedef, tuple(self.key(v, depth) for v in leaves)
+            values = tuple(self.key(v, depth) for v in leaves)
+            return "module", treedef, values, self._class(type(value), depth)
         if _is_library(type(value).__module__):
             if isinstance(value, np.dtype):
                 return "dtype", value.str
@@ -355,8 +357,31 @@ class _Reader:
         state = getattr(value, "__dict__", None)
         if not isinstance(state, dict) or hasattr(type(value), "__slots__"):
             raise _Opaque  # state we cannot see
-        call = type(value).__call__ if callable(value) else None
-        return "object", _Identity(type(value)), self.key((call, state), depth)
+        return "object", self._class(type(value), depth), self.key(state, depth)
+
+    def _class(self, cls: type, depth: int):
+        """What an instance's methods read (their globals and closures: `__call__`,
+        and the helpers it calls through `self`) and the class attributes' values,
+        for each class of `cls`' method resolution order outside the libraries."""
+        if id(cls) in self.seen:
+            return "seen", self.seen[id(cls)]
+        self.seen[id(cls)] = len(self.seen)
+        self.alive.append(cls)
+        parts = [_Identity(cls)]
+        for klass in cls.__mro__:
+            if _is_library(klass.__module__):
+                continue
+            for name, attribute in vars(klass).items():
+                if isinstance(attribute, (staticmethod, classmethod)):
+                    attribute = attribute.__func__
+                elif isinstance(attribute, property):
+                    attribute = (attribute.fget, attribute.fset)
+                elif not isinstance(attribute, types.FunctionType) and (
+                    name.startswith("__") or name == "_abc_impl"
+                ):
+                    continue  # the class's own machinery: its name, doc, fields
+                parts.append((name, self.key(attribute, depth)))
+        return "class", tuple(parts)
 
     def _reads(self, fn: types.FunctionType, depth: int) -> tuple:
         cells = []

@@ -4,6 +4,7 @@ ignore, closures, keyword arguments, and errors that name the fix."""
 import functools as ft
 import warnings
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -524,12 +525,36 @@ def _one_deep():
 LARGE_TABLE = np.ones(20_000)  # 160 kB: keyed by a digest of its bytes
 
 
+class _ReadsAGlobal(eqx.Module):
+    """No fields: its methods read the global `SCALE`, `__call__` through a helper
+    called on `self`."""
+
+    def __call__(self, x, y):
+        return (y / self._scale()) ** 2 - x
+
+    def forward(self, x):
+        return jnp.sqrt(x) * self._scale()
+
+    def _scale(self):
+        return SCALE
+
+
+class _ClassScale:
+    """A class attribute, changed on the class."""
+
+    scale = 2.0
+
+    def forward(self, x):
+        return jnp.sqrt(x) * type(self).scale
+
+
 def test_values_read_through_objects_dicts_partials_and_arguments_are_seen():
     """Each way a forward reads a value that a loop changes, from the same line:
     every eager call (value and gradient) must see the current one, as an
     uncompiled call would. An attribute of an object, a dict changed in place, a
     `functools.partial`, a callable object, a global read three calls deep, a
-    function passed as an argument, a large NumPy array changed in place."""
+    function passed as an argument, a large NumPy array changed in place, a global
+    read by the methods of an `equinox.Module` without fields, a class attribute."""
     global SCALE
     problem = _Scaled(2.0)
     table = {"scale": 2.0}
@@ -577,6 +602,18 @@ def test_values_read_through_objects_dicts_partials_and_arguments_are_seen():
             lambda v: LARGE_TABLE.__setitem__(7, v),
             (),
         ),
+        "module methods": (
+            idf.ImplicitFunction(_ReadsAGlobal().forward, _ReadsAGlobal()),
+            lambda v: globals().__setitem__("SCALE", v),
+            (),
+        ),
+        "class attribute": (
+            idf.ImplicitFunction(
+                _ClassScale().forward, lambda x, y: (y / _ClassScale.scale) ** 2 - x
+            ),
+            lambda v: setattr(_ClassScale, "scale", v),
+            (),
+        ),
     }
     try:
         for name, (f, set_scale, args) in cases.items():
@@ -590,7 +627,7 @@ def test_values_read_through_objects_dicts_partials_and_arguments_are_seen():
                     gradient(X), scale * 0.5 / np.sqrt(X), rtol=1e-6, err_msg=name
                 )
     finally:
-        SCALE, LARGE_TABLE[7] = 2.0, 1.0
+        SCALE, LARGE_TABLE[7], _ClassScale.scale = 2.0, 1.0, 2.0
 
 
 def test_state_that_cannot_be_seen_runs_eagerly():
