@@ -6,7 +6,7 @@ from jax.experimental import sparse as jsparse
 from jaxtyping import Array, PyTree
 
 from ._failure import ON_FAILURE_CHOICES, CallSite, OnFailure
-from ._misc import ravel, size, unravel
+from ._misc import ravel, size, structure, unravel
 from ._solve import solve_with_presolve
 from ._solvers._auto import Auto
 from ._solvers._base import AbstractLinearSolver
@@ -79,6 +79,12 @@ def linear_solve(
         )
     b_flat = ravel(b)
     dtype = jnp.result_type(operator.data, b_flat)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(
+            f"linear_solve: A and b must hold floating-point or complex numbers, got "
+            f"{operator.data.dtype} and {b_flat.dtype}: convert them first "
+            f"(`A.astype(float)`, `jnp.asarray(b, float)`)."
+        )
     flat = SparseLinearOperator(operator.data.astype(dtype), operator.pattern)
     if on_failure not in ON_FAILURE_CHOICES:
         raise ValueError(
@@ -94,7 +100,10 @@ def linear_solve(
         CallSite.of_caller(),
         system="the matrix of linear_solve",
     )
-    return unravel(x, operator.in_structure())
+    # For a matrix, x comes back shaped like b (a column (n, 1) stays one, as in
+    # `jnp.linalg.solve`); for an operator, like its input.
+    is_matrix = not isinstance(A, SparseLinearOperator)
+    return unravel(x, structure(b) if is_matrix else operator.in_structure())
 
 
 def _as_operator(A) -> SparseLinearOperator:

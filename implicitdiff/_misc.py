@@ -148,6 +148,13 @@ def all_finite(tree: PyTree[Array]) -> Bool[Array, ""]:
     return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
+def any_nan(tree: PyTree[Array]) -> Bool[Array, ""]:
+    """Whether any element of any leaf is NaN (a boolean reduction: NaN-safe at every
+    size, unlike a `max`)."""
+    flags = [jnp.any(jnp.isnan(leaf)) for leaf in jax.tree.leaves(tree)]
+    return jnp.any(jnp.stack(flags)) if flags else jnp.array(False)
+
+
 def nan_unless(ok: Bool[Array, ""], tree: PyTree[Array]) -> PyTree[Array]:
     """`tree` where `ok`, else the same structure filled with NaN."""
     return jax.tree.map(lambda leaf: nan_where(~ok, leaf), tree)
@@ -289,14 +296,17 @@ def max_abs(tree: PyTree[Array]) -> Float[Array, ""]:
     return max_or_nan(jnp.stack([max_or_nan(jnp.abs(v)).astype(dtype) for v in leaves]))
 
 
-def binary_exponent(tree: PyTree[Array]) -> Int[Array, ""]:
+def binary_exponent(tree: PyTree[Array], headroom: int | None = None) -> Int[Array, ""]:
     """`e` with `max|element| = m·2ᵉ` over the leaves, `m` in [½, 1); 0 for zeros
     or non-finite elements (whose NaN or inf the caller's check then rejects).
-    Clipped to ±¾ of the dtype's largest exponent, so that `2^±e` itself is a normal
-    number: scaling by it is exact."""
+    Clipped to ±(largest exponent − `headroom`), by default ±¾ of the dtype's largest
+    exponent, so that `2^±e` itself is a normal number: scaling by it is exact."""
     largest = max_abs(tree)
     _, exponent = jnp.frexp(jnp.where(jnp.isfinite(largest), largest, 0))
-    limit = jnp.finfo(largest.dtype).maxexp * 3 // 4
+    largest_exponent = jnp.finfo(largest.dtype).maxexp
+    if headroom is None:
+        headroom = largest_exponent // 4
+    limit = largest_exponent - headroom
     return jnp.clip(exponent, -limit, limit)
 
 

@@ -14,7 +14,7 @@ from . import _solve_record as solve_record
 from ._failure import CallSite, OnFailure, announce, apply_policy
 from ._misc import (
     add_poison,
-    all_finite,
+    any_nan,
     binary_exponent,
     credible,
     max_abs,
@@ -89,14 +89,17 @@ def solve_linearised(
         def cA(v):  # half of c before A, half after: no intermediate leaves range
             return scaled(outer, A(scaled(inner, v)))
 
-        def adjoint(v):  # (cA)ᴴ
-            conj = jax.tree.map(jnp.conj, scaled(inner, v))
-            return scaled(outer, jax.tree.map(jnp.conj, At(conj)[0]))
+        def adjoint(v, before, after):  # after·Aᴴ(before·v)
+            conj = jax.tree.map(jnp.conj, scaled(before, v))
+            return scaled(after, jax.tree.map(jnp.conj, At(conj)[0]))
 
-        matvec, rhs = (
-            (lambda v: adjoint(cA(v))),
-            adjoint(scaled(inner, scaled(outer, rhs))),
-        )
+        matvec = lambda v: adjoint(cA(v), inner, outer)  # noqa: E731
+        # c²·Aᴴ rhs as c·Aᴴ(c·rhs): `rhs = −B ẋ` need not be on A's scale (with
+        # B = −I and A = 10³⁰·M it is of order one), and every intermediate, in this
+        # map and in its transpose (reverse mode), stays between its input's scale and
+        # its output's. Scaled by c^(3/2) before Aᴴ, an order-one rhs underflowed to
+        # an exact 0, whose solution 0 passed every check.
+        rhs = adjoint(rhs, inner * outer, inner * outer)
         if not any(jnp.issubdtype(leaf.dtype, jnp.complexfloating) for leaf in leaves):
             tags = (lx.symmetric_tag, lx.positive_semidefinite_tag)
     operator = representation.operator(matvec, structure(rhs))
@@ -134,9 +137,11 @@ def solve_with_presolve(
         lies in its range from a regular one;
     - `credible`: the solution must not prove the system numerically singular.
 
-    A solution that fails either is all NaN, and a failure from a finite right-hand
-    side and operator (`operator_finite`, a flag) warns or raises as `on_failure`
-    says; NaN in, NaN out is no failure.
+    A solution that fails either is all NaN, and a failure from a right-hand side
+    without NaN and a finite operator (`operator_finite`, a flag) warns or raises as
+    `on_failure` says; NaN in, NaN out is no failure. An infinite right-hand side
+    is one: upstream, a product overflowed (`−B ẋ` of conditions scaled by 10³⁰ in
+    float32, with `ẋ` of 10⁹), and the derivative would be NaN unannounced.
     """
 
     def presolve_and_solve(transpose):
@@ -144,8 +149,9 @@ def solve_with_presolve(
         message = (
             f"implicitdiff: {type(solver).__name__} did not solve the {direction} "
             f"linear system with A = {system} (singular or ill-conditioned, no "
-            f"convergence, or a sparsity pattern missing entries); the derivative "
-            f"is NaN."
+            f"convergence, a sparsity pattern missing entries, or an infinite "
+            f"right-hand side: an overflow, from conditions far from unit scale); "
+            f"the derivative is NaN."
         )
 
         def run(product, b):
@@ -160,7 +166,7 @@ def solve_with_presolve(
             x, accepted = solve_record.solve(
                 solver, state, product, b, direction, accept, operator_finite
             )
-            failed = ~accepted & all_finite(b) & operator_finite
+            failed = ~accepted & ~any_nan(b) & operator_finite
             return apply_policy(x, failed, on_failure, message, site)
 
         return run
@@ -223,7 +229,9 @@ def _normal_equations_scale(A: Callable, y_structure: PyTree) -> tuple[Array, Ar
         phases = jnp.exp(2.399963j * k) if _is_complex(leaf) else jnp.cos(2.399963 * k)
         return ((1 + k / n) / n * phases).astype(leaf.dtype)
 
-    exponent = binary_exponent(A(jax.tree.map(probe, y_structure)))
+    # The whole exponent range but 3: c = 2⁻ᵉ is then a normal number (entries of
+    # 10³⁰⁰ need c = 2⁻⁹⁹⁷, which the Krylov solvers' ¾ of the range cut short).
+    exponent = binary_exponent(A(jax.tree.map(probe, y_structure)), headroom=3)
     one = jnp.ones((), jnp.finfo(jnp.result_type(*jax.tree.leaves(y_structure))).dtype)
     half = exponent // 2
     scales = jnp.ldexp(one, -half), jnp.ldexp(one, half - exponent)

@@ -43,7 +43,16 @@ import numpy as np
 from jax.custom_batching import custom_vmap
 from jaxtyping import Array, PyTree
 
-from ._misc import all_finite, nan_unless, ravel, size, structure, tree_norm, unravel
+from ._misc import (
+    all_finite,
+    any_nan,
+    nan_unless,
+    ravel,
+    size,
+    structure,
+    tree_norm,
+    unravel,
+)
 from ._solve_clock import after, elapsed, probe, tick_after
 
 # Part of every jit cache key (and of JAX's inner tracing caches): a function traced
@@ -186,7 +195,7 @@ def _record_when_run(
     the library's checks."""
     x_finite = all_finite(x)
     residual, operator_finite = _residual(product, x, b, x_finite)
-    bad_input = ~all_finite(b) | ~point_sound | (~x_finite & ~operator_finite)
+    bad_input = any_nan(b) | ~point_sound | (~x_finite & ~operator_finite)
     failed = ~x_finite & ~bad_input
     done = jax.pure_callback(
         functools.partial(_record, _LOGGING.value, info, report.reported()),

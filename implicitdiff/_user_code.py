@@ -315,6 +315,8 @@ class _Reader:
             return _array_key(value)
         if isinstance(value, jax.Array):
             return _Identity(value)
+        if isinstance(value, type) and not _is_library(value.__module__):
+            return self._class(value, depth)  # a class named as a global: `Cfg.lam`
         if id(value) in self.seen:
             return "seen", self.seen[id(value)]
         self.seen[id(value)] = len(self.seen)

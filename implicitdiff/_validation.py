@@ -11,7 +11,7 @@ import numpy as np
 from jaxtyping import Array, Bool, PyTree
 
 from ._failure import ON_FAILURE_CHOICES, CallSite, OnFailure, announce
-from ._misc import name_of, structure, tree_norms
+from ._misc import name_of, size, structure, tree_norms
 from ._solvers._base import AbstractLinearSolver
 from ._solvers._preconditioner import AbstractPreconditioner
 
@@ -109,6 +109,14 @@ def check_conditions_output(
     c_leaves, y_leaves = jax.tree.leaves(c_struct), jax.tree.leaves(y_struct)
     if least_squares:
         same = all(jnp.issubdtype(leaf.dtype, jnp.inexact) for leaf in c_leaves)
+        if same and size(c_struct) < size(y_struct):
+            raise ValueError(
+                f"ImplicitFunction: LeastSquares needs at least as many conditions as "
+                f"unknowns, got {size(c_struct)} conditions for {size(y_struct)} "
+                f"unknowns: the solution of fewer equations is not unique, and it has "
+                f"no derivative. Add conditions that fix it (a regulariser's "
+                f"gradient, say)."
+            )
     else:
         same = jax.tree.structure(c_struct) == jax.tree.structure(y_struct) and all(
             a.shape == b.shape and a.dtype == b.dtype

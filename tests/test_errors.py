@@ -75,3 +75,28 @@ def test_gradient_wrt_integer_only_x():
     assert f(n).shape == (3,)
     with pytest.raises(TypeError, match="int"):
         jax.grad(lambda n: jnp.sum(f(n)))(n)
+
+
+def test_least_squares_with_fewer_conditions_than_unknowns():
+    """No unique solution, no derivative: said at trace time, not as a NaN."""
+    f = idf.ImplicitFunction(
+        jnp.sqrt,
+        lambda x, y: jnp.sum(y**2 - x)[None],
+        linear_solver=idf.LeastSquares(),
+    )
+    with pytest.raises(ValueError, match="at least as many conditions as unknowns"):
+        jax.jacfwd(f)(jnp.array([4.0, 9.0]))
+
+
+def test_linear_solve_integer_values_and_column_right_hand_side():
+    import numpy as np
+    from jax.experimental import sparse
+
+    indices = np.array([[0, 0], [1, 1], [2, 2]])
+    integers = sparse.BCOO((jnp.array([1, 2, 4]), indices), shape=(3, 3))
+    with pytest.raises(TypeError, match="linear_solve: A and b must hold floating"):
+        idf.linear_solve(integers, jnp.array([1, 2, 3]))
+    A = sparse.BCOO((jnp.array([1.0, 2.0, 4.0]), indices), shape=(3, 3))
+    column = idf.linear_solve(A, jnp.ones((3, 1)))  # shaped like b, as jnp.linalg.solve
+    assert column.shape == (3, 1)
+    np.testing.assert_allclose(column[:, 0], [1.0, 0.5, 0.25])

@@ -116,8 +116,9 @@ def test_raise_policy_raises_our_error_with_its_message_last(
     assert lines[-1] == (
         f"OnFailureError: implicitdiff: Direct did not solve the {direction} "
         f"{'(Aᵀ u = v)' if direction == 'VJP' else '(A x = b)'} linear system with "
-        "A = ∂c/∂y (singular or ill-conditioned, no convergence, or a sparsity "
-        'pattern missing entries); the derivative is NaN. (on_failure="raise")'
+        "A = ∂c/∂y (singular or ill-conditioned, no convergence, a sparsity pattern "
+        "missing entries, or an infinite right-hand side: an overflow, from "
+        'conditions far from unit scale); the derivative is NaN. (on_failure="raise")'
     )
     assert "filter_jit" not in str(info.value)
     assert "Traceback" not in capfd.readouterr().err

@@ -349,29 +349,66 @@ def test_least_squares_ill_conditioned(method):
     ],
 )
 def test_least_squares_conditions_far_from_unit_scale(method, dtype, scales):
-    """`s·(M y − x) = 0` has the derivative pinv(M) whatever `s`: the normal equations
-    (s²MᵀM) once overflowed past s = 1e154 (float64) and underflowed below 1e-154,
-    and forward mode returned NaN without a word (the overflowed right-hand side
-    passed for NaN input)."""
+    """`s·(M y − x) = 0` has the derivative pinv(M) whatever `s`, and `s·M y − x = 0`
+    the derivative pinv(M)/s: the normal equations (s²MᵀM) once overflowed past
+    s = 1e154 (float64) and underflowed below 1e-154, and forward mode returned NaN
+    without a word (the overflowed right-hand side passed for NaN input); then, with
+    the right-hand side `x` of order one against `s·M`, its scaling underflowed to an
+    exact zero (forward mode) and its transpose likewise (reverse mode), and the
+    derivative was 0, finite and wrong. Compared relative to the largest entry."""
     M = np.random.default_rng(3).normal(size=(7, 4))
     pinv = np.linalg.pinv(M)
     x = jnp.ones(7, dtype)
+    tolerance = 1e-8 if dtype == jnp.float64 else 2e-3
     for scale in scales:
-        f = unchecked(
-            lambda x: jnp.zeros(4, dtype),
-            lambda x, y, s=scale: (
-                jnp.asarray(s, dtype) * (jnp.asarray(M, dtype) @ y - x)
-            ),
-            idf.LeastSquares(method=method),
-            on_failure="warn",
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            forward, reverse = jax.jacfwd(f)(x), jax.jacrev(f)(x)
-        tolerance = 1e-8 if dtype == jnp.float64 else 2e-3
-        for J in (forward, reverse):
-            assert J.dtype == dtype
-            assert np.allclose(J, pinv, atol=tolerance), scale
+        s, Ms = jnp.asarray(scale, dtype), jnp.asarray(M, dtype)
+        for conditions, expected in (
+            (lambda x, y, s=s: s * (Ms @ y - x), pinv),
+            (lambda x, y, s=s: s * (Ms @ y) - x, pinv / scale),
+        ):
+            f = unchecked(
+                lambda x: jnp.zeros(4, dtype),
+                conditions,
+                idf.LeastSquares(method=method),
+                on_failure="warn",
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                forward, reverse = jax.jacfwd(f)(x), jax.jacrev(f)(x)
+            for J in (forward, reverse):
+                assert J.dtype == dtype
+                error = np.max(np.abs(np.asarray(J, np.float64) - expected))
+                assert error <= tolerance * np.max(np.abs(expected)), scale
+
+
+@pytest.mark.parametrize("solver", ["Direct", "GMRES", "Diagonal"])
+def test_overflowed_right_hand_side_is_told_nan_input_is_not(solver):
+    """`−B ẋ` of conditions scaled by 1e15 overflows float32 for `ẋ` of 1e24: the
+    right-hand side is inf, and the derivative NaN. It once passed for NaN input (no
+    warning); a NaN tangent still does."""
+    linear_solver = {
+        "Direct": idf.Direct(),
+        "GMRES": idf.GMRES(),
+        "Diagonal": idf.Auto(),  # elementwise conditions: Auto divides
+    }[solver]
+    M = jnp.asarray([[2.0, 1.0], [0.0, 1.0]], jnp.float32)
+    if solver == "Diagonal":
+        M = jnp.diag(jnp.diag(M))
+    f = unchecked(
+        lambda x: jnp.linalg.solve(M, x),
+        lambda x, y: 1e15 * (M @ y) - 1e15 * x,
+        linear_solver=linear_solver,
+        on_failure="warn",
+    )
+    x = jnp.ones(2, jnp.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        regular = jax.jvp(f, (x,), (jnp.ones(2, jnp.float32),))[1]
+        assert np.allclose(regular, np.linalg.solve(M, np.ones(2)), atol=1e-6)
+        assert all_nan(jax.jvp(f, (x,), (jnp.array([np.nan, 1.0], jnp.float32),))[1])
+    with pytest.warns(RuntimeWarning, match="infinite right-hand side"):
+        overflowed = jax.jvp(f, (x,), (jnp.full(2, 1e24, jnp.float32),))[1]
+    assert all_nan(overflowed)
 
 
 def test_least_squares_complex_uses_the_conjugate_transpose():

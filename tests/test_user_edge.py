@@ -614,6 +614,14 @@ def test_values_read_through_objects_dicts_partials_and_arguments_are_seen():
             lambda v: setattr(_ClassScale, "scale", v),
             (),
         ),
+        "class attribute by the class's name": (
+            idf.ImplicitFunction(
+                lambda x: jnp.sqrt(x) * _ClassScale.scale,
+                lambda x, y: (y / _ClassScale.scale) ** 2 - x,
+            ),
+            lambda v: setattr(_ClassScale, "scale", v),
+            (),
+        ),
     }
     try:
         for name, (f, set_scale, args) in cases.items():

@@ -73,7 +73,10 @@ class AMG(AbstractLinearSolver):
     similar number of cycles. With the default `accel="cg"`, `A` must be symmetric
     positive definite (as `∂c/∂y` is for the stationarity conditions of a convex
     problem or an elliptic PDE); otherwise use `"gmres"` or `"bicgstab"` (and, for
-    smoothed aggregation, `symmetry="nonsymmetric"`).
+    smoothed aggregation, `symmetry="nonsymmetric"`). Conditions whose `∂c/∂y` is
+    negative definite (`Δy + f = 0` rather than `−Δy − f = 0`) give NaN with the
+    default: the certificate accepts their sign, the CG iteration does not; negate
+    them.
 
     !!! Example
 
