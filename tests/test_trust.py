@@ -214,6 +214,26 @@ def test_direct_same_decision_in_both_directions():
         assert all_nan(jac_fwd) and all_nan(jac_rev)
 
 
+def test_direct_refuses_a_perturbation_hidden_from_hagers_vectors():
+    """`I − s·u vᵀ` with `u`, `v` orthogonal to the estimator's start vectors (ones,
+    the alternating vector, e₁): its inverse `I + s·u vᵀ` maps them to themselves, and
+    Hager's estimate was 1 for κ₁ = 6e16 (100 times the threshold). Forward mode
+    certified it and returned 52 finite columns; reverse mode refused. A fourth,
+    unstructured start vector sees it: both refuse."""
+    n = 60
+    u, v = np.zeros(n), np.zeros(n)
+    u[[1, 4, 6, 7]], u[[2, 3, 5, 8]] = 1, -1
+    v[[11, 14, 16, 17]], v[[12, 13, 15, 18]] = 1, -1
+    M = jnp.asarray(np.eye(n) - 1e7 * np.pi * np.outer(u, v))
+    f = unchecked(
+        lambda x: jnp.linalg.solve(M, x), lambda x, y: M @ y - x, idf.Direct()
+    )
+    x = jnp.ones(n)
+    for jacobian in (jax.jacfwd, jax.jacrev):
+        with pytest.warns(RuntimeWarning, match="Direct did not solve"):
+            assert all_nan(jacobian(f)(x))
+
+
 def test_condition_estimates_bound_the_exact_norms_from_below():
     """The certificate of `Direct` and `LeastSquares("cholesky")`: Hager's estimator
     in four solves, against the exact `‖M⁻¹‖₁` and `‖M⁻¹‖∞` of NumPy's inverse: not
