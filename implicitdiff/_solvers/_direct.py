@@ -34,7 +34,7 @@ class Direct(AbstractLinearSolver):
     factors: exactly, from the explicit inverse, up to 48 unknowns (one solve with
     `n` right-hand sides costs less there than four dependent small solves); above,
     estimated from below (Hager's estimator with Higham's extra vector for `‖A⁻¹‖₁`
-    and `‖A⁻¹‖∞` together: four triangular solve pairs of one to three vectors,
+    and `‖A⁻¹‖∞` together: four triangular solve pairs of one to four vectors,
     `O(n²)` next to the `O(n³)` factorisation; the exact `‖A‖₁` and `‖A‖∞`). When
     `κ > 1/(√n·ε)` (ε the machine precision of the dtype), a pivot is zero, or
     anything is not finite, the system is numerically singular:
