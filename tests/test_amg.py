@@ -69,6 +69,17 @@ def test_implicit_function_derivatives(solver, matrix):
     check_implicit_derivatives(solver, matrix, RNG)
 
 
+def test_negative_definite_matrix_is_solved_as_its_negative():
+    """Conditions written as `Δy + f = 0` have a negative definite `∂c/∂y`, on which
+    CG and Ruge-Stüben fail: it gave NaN (with a warning) where splu solved it. The
+    setup and the solves now use `−A`."""
+    negative = -SPD
+    expected = np.linalg.solve(negative.toarray(), RHS.T).T
+    x = batched_solve(idf.AMG())(sparse_operator(negative), RHS)
+    assert_relative_error(x, expected, 1e-9)
+    check_implicit_derivatives(idf.AMG(), -grid_matrix(4), RNG)
+
+
 def test_linear_solve_gradients():
     """`implicitdiff.linear_solve` with this solver: gradients w.r.t. A's values and b
     against JAX's differentiation of a dense solve."""

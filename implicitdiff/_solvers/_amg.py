@@ -73,10 +73,9 @@ class AMG(AbstractLinearSolver):
     similar number of cycles. With the default `accel="cg"`, `A` must be symmetric
     positive definite (as `∂c/∂y` is for the stationarity conditions of a convex
     problem or an elliptic PDE); otherwise use `"gmres"` or `"bicgstab"` (and, for
-    smoothed aggregation, `symmetry="nonsymmetric"`). Conditions whose `∂c/∂y` is
-    negative definite (`Δy + f = 0` rather than `−Δy − f = 0`) give NaN with the
-    default: the certificate accepts their sign, the CG iteration does not; negate
-    them.
+    smoothed aggregation, `symmetry="nonsymmetric"`). A `∂c/∂y` whose diagonal is
+    negative everywhere (conditions written as `Δy + f = 0`, negative definite) is
+    set up and solved as `−A x = −b`.
 
     !!! Example
 
@@ -163,16 +162,23 @@ class AMG(AbstractLinearSolver):
         # The certificate runs here, with the setup: it is cached with the hierarchy,
         # so a matrix seen before costs neither again. An M-matrix is proven regular
         # by a few cycles; any other matrix by the probe, a solve to full tolerance.
+        # A matrix with a negative diagonal (conditions written as Δy + f = 0) is
+        # solved as −A x = −b: CG and Ruge-Stüben need a positive definite A.
+        sign = _diagonal_sign(csr)
+        if sign < 0:
+            csr = -csr
         hierarchy, nbytes = _build_hierarchy(self.method, thaw(self.setup_options), csr)
         solve_rows = ft.partial(self._solve_rows, rtol, csr, hierarchy)
         regular = self._m_matrix_certificate(rtol, csr, hierarchy)
         regular = regular or probe_is_credible(csr, solve_rows)
-        return (hierarchy, regular), nbytes
+        return (hierarchy, regular, sign), nbytes
 
     def _solve_certified(self, rtol, csr, prepared, B):
-        hierarchy, regular = prepared
+        hierarchy, regular, sign = prepared
         if not regular:
             return nan_like(B)
+        if sign < 0:
+            return self._solve_rows(rtol, -csr, hierarchy, -B)
         return self._solve_rows(rtol, csr, hierarchy, B)
 
     def _solve_rows(self, rtol, csr, hierarchy, B):
@@ -288,6 +294,12 @@ def _check_real(A, name: str) -> None:
             "Ruge-Stüben setup and CG acceleration assume a real matrix. For complex "
             "unknowns use implicitdiff.Direct or implicitdiff.SciPy('splu')."
         )
+
+
+def _diagonal_sign(csr) -> int:
+    """-1 when every diagonal entry of `A` is negative, else 1."""
+    diagonal = csr.diagonal()
+    return -1 if diagonal.size and np.all(diagonal < 0) else 1
 
 
 def _gauss_seidel_sweep(csr, x, b):
