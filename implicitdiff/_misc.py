@@ -11,6 +11,21 @@ from jax import lax
 from jax.extend import core as jex_core
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
+# Radians: cos(k·angle) never repeats or vanishes, and a fixed vector of such phases
+# shares no structure a matrix is likely to have (rows summing to zero, alternating
+# signs, a few unit vectors).
+GOLDEN_ANGLE = 2.399963229728653
+
+
+def golden_phases(leaf) -> Array:
+    """`e^{iθk}` for the `k`-th element of a complex leaf (an array or a
+    `ShapeDtypeStruct`), `cos(θk)` for a real one, shaped like it; `θ` the golden
+    angle. Fixed probes for the checks."""
+    k = jnp.arange(leaf.size).reshape(leaf.shape)
+    if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+        return jnp.exp(1j * GOLDEN_ANGLE * k)
+    return jnp.cos(GOLDEN_ANGLE * k)
+
 
 def structure(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
     """The shapes and dtypes of a pytree of arrays (or of `ShapeDtypeStruct`s)."""

@@ -17,6 +17,7 @@ from ._misc import (
     any_nan,
     binary_exponent,
     credible,
+    golden_phases,
     max_abs,
     poison_term,
     ravel,
@@ -197,7 +198,7 @@ def _nan_unless_complex_linear(
         if not _is_complex(leaf):
             return jnp.zeros(leaf.shape, leaf.dtype)
         k = jnp.arange(leaf.size).reshape(leaf.shape)
-        return ((1 + k / leaf.size) * jnp.exp(2.399963j * k)).astype(leaf.dtype)
+        return ((1 + k / leaf.size) * golden_phases(leaf)).astype(leaf.dtype)
 
     v = jax.tree.map(probe, y_structure)
     rotated = jax.tree.map(lambda leaf: 1j * leaf if _is_complex(leaf) else leaf, v)
@@ -217,17 +218,16 @@ def _nan_unless_complex_linear(
 
 
 def _normal_equations_scale(A: Callable, y_structure: PyTree) -> tuple[Array, Array]:
-    """`(a, b)`, powers of two with `a·b = 2⁻ᵉ` and `2ᵉ` about the size of `A`'s
-    entries, from one product with a fixed probe whose entries are at most `2/n` (so
-    that it cannot overflow): `c·A = b·A(a·v)` has entries of order one, and
-    `(cA)ᴴ(cA)` neither overflows nor underflows. Both 1 when the product is zero or
-    not finite (its NaN then fails the solve)."""
+    """`(inner, outer)`, powers of two with `inner·outer = c = 2⁻ᵉ` and `2ᵉ` about
+    the size of `A`'s entries, from one product with a fixed probe whose entries are
+    at most `2/n` (so that it cannot overflow): `c·A = outer·A(inner·v)` has entries
+    of order one, and `(cA)ᴴ(cA)` neither overflows nor underflows. Both 1 when the
+    product is zero or not finite (its NaN then fails the solve)."""
     n = size(y_structure)
 
     def probe(leaf):  # golden-angle phases: no structure a condition would cancel
         k = jnp.arange(leaf.size).reshape(leaf.shape)
-        phases = jnp.exp(2.399963j * k) if _is_complex(leaf) else jnp.cos(2.399963 * k)
-        return ((1 + k / n) / n * phases).astype(leaf.dtype)
+        return ((1 + k / n) / n * golden_phases(leaf)).astype(leaf.dtype)
 
     # The whole exponent range but 3: c = 2⁻ᵉ is then a normal number (entries of
     # 10³⁰⁰ need c = 2⁻⁹⁹⁷, which the Krylov solvers' ¾ of the range cut short).

@@ -2,10 +2,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .._misc import GOLDEN_ANGLE
 from ._krylov import DEFAULTS_DOC, AbstractKrylovSolver, keep_unless, safe_divide
 from ._preconditioner import AbstractPreconditioner
 
-GOLDEN_ANGLE = 2.399963229728653  # radians: cos(k·angle) never repeats or vanishes
 OMEGA_MIN_COSINE = 0.7
 
 

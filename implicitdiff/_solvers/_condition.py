@@ -5,7 +5,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._misc import max_or_nan
+from .._misc import GOLDEN_ANGLE, max_or_nan
 
 Solve = Callable[[Array], Array]
 
@@ -45,7 +45,7 @@ def inverse_norm1_estimates(
     # Golden-angle phases, no structure a matrix is likely to share: a rank-one
     # perturbation `I − s·u vᵀ` with u and v orthogonal to the three vectors above
     # (and to e₁, where Hager's step lands when they tie) fooled the estimate by 10⁸.
-    probe = jnp.cos(2.399963 * index).astype(dtype)
+    probe = jnp.cos(GOLDEN_ANGLE * index).astype(dtype)
 
     def sign(y):
         return jnp.where(y == 0, 1, y / jnp.where(y == 0, 1, jnp.abs(y)))
