@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SITE_PORT ?= 8000
 
-.PHONY: venv demo test lint format examples docs serve bench bench-quick clean
+.PHONY: venv demo test test-as-users lint format examples docs serve bench bench-quick clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test: $(VENV)/.extra-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -n 2 tests
+
+# The tests where code generation could matter (large sizes, NaN in reductions,
+# memory), compiled exactly as users compile: `make test` compiles for speed
+# (tests/conftest.py).
+test-as-users: $(VENV)/.extra-test
+	IMPLICITDIFF_TEST_AS_USERS=1 $(PY) -m pytest -n 2 -m full_optimisation tests
 
 lint: $(VENV)/.extra-test
 	$(PY) -m ruff check .

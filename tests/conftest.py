@@ -1,11 +1,28 @@
 import os
 
-# jaxlib 0.10.0-0.10.2 can deadlock in batched LU (a `vmap` of `Direct`); XLA's older
-# CPU scheduler avoids it (benchmarks/README.md, "Known problems"). Set before JAX
-# starts its backend; subprocesses inherit it.
-_NO_LU_DEADLOCK = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-if _NO_LU_DEADLOCK not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_NO_LU_DEADLOCK}"
+# Most of the suite's time is XLA compiling programs that then run for microseconds.
+# By default the tests compile with XLA:CPU's older fusion emitters and, except where
+# marked `full_optimisation`, without its backend (LLVM) optimisations: about half
+# the compile time, and neither changes what a program computes (XLA's NaN-dropping
+# max reduction, the one codegen behaviour the library works around, is the same
+# either way). The marked tests are where code generation could matter (large sizes,
+# NaN in reductions, memory); `make test-as-users` (CI runs it after `make test`)
+# runs them again compiled exactly as users compile, with
+# IMPLICITDIFF_TEST_AS_USERS=1, which also turns both off for a whole run.
+AS_USERS = os.environ.get("IMPLICITDIFF_TEST_AS_USERS") == "1"
+_FLAGS = [
+    # jaxlib 0.10.0-0.10.2 can deadlock in batched LU (a `vmap` of `Direct`); XLA's
+    # older CPU scheduler avoids it (benchmarks/README.md, "Known problems").
+    "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+    *([] if AS_USERS else ["--xla_cpu_use_fusion_emitters=false"]),
+]
+# Set before JAX starts its backend; the subprocess suites inherit them, and compile
+# without backend optimisations too unless AS_USERS.
+for _flag in _FLAGS:
+    if _flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}"
+if not AS_USERS:
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 
@@ -28,37 +45,9 @@ _SLOWEST_FIRST = [
     "test_distributed.py",
 ]
 
-# Most of the suite's time is XLA compiling programs that then run for microseconds.
-# In these files XLA's optimisations cannot change what is tested (derivatives of
-# small problems against references), so they compile with most of them off (about
-# 20 % less time). Everything else runs as users run it, at full optimisation: past
-# bugs lived there (XLA:CPU's max reduction dropped NaN above ~4100 elements), so the
-# files about refusing wrong derivatives (test_trust, test_user_edge, test_robustness,
-# test_failure_policy, test_properties, test_diagonal…), the subprocess suites whose
-# compiled programs are inspected, and, inside these files, every test marked
-# `full_optimisation` (NaN results, reductions, large sizes) keep them.
-_FEWER_OPTIMISATIONS = {
-    "test_amg.py",
-    "test_argmin.py",
-    "test_conditions.py",
-    "test_host.py",
-    "test_implicit_function.py",
-    "test_krylov_solvers.py",
-    "test_pde.py",
-    "test_projections.py",
-    "test_scipy_solver.py",
-    "test_solve_log.py",
-    "test_solver_interface.py",
-    "test_sparse_detection.py",
-    "test_sparse_representation.py",
-}
-
 
 def _fewer_optimisations(item) -> bool:
-    return (
-        item.path.name in _FEWER_OPTIMISATIONS
-        and item.get_closest_marker("full_optimisation") is None
-    )
+    return not AS_USERS and item.get_closest_marker("full_optimisation") is None
 
 
 def pytest_collection_modifyitems(items):

@@ -63,6 +63,7 @@ def certify(matrix, cycles=None, accel="cg", run="amg"):
         return idf.AMG(accel=accel)._m_matrix_certificate(1e-10, csr, hierarchy)
 
 
+@pytest.mark.full_optimisation
 @pytest.mark.parametrize("size", [12, 320])  # 144 and 102 400 unknowns
 def test_dirichlet_laplacian_proven_in_a_few_cycles(size):
     matrix = grid_matrix(size) - sp.eye_array(size * size)  # κ grows like size²
@@ -91,6 +92,7 @@ def test_amg_certificate_pays_fewer_cycles_than_pyamgs_run(size):
     assert len(ours) < len(theirs), (len(ours), len(theirs))
 
 
+@pytest.mark.full_optimisation
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [10, 2000])
 def test_watched_cg_solves_spd_systems_and_shows_every_iterate(n, dtype):

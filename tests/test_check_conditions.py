@@ -150,6 +150,7 @@ def test_a_forward_diverging_to_inf_is_caught():
         assert bool(jnp.all(jnp.isnan(jax.grad(lambda x: f(x).sum())(x))))
 
 
+@pytest.mark.full_optimisation
 @pytest.mark.parametrize("n", [8, 100_000])
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
 def test_a_wrong_forward_is_caught_where_squares_overflow(dtype, n):
@@ -194,6 +195,7 @@ def test_tree_norm_does_not_overflow_the_leaf_type(n, dtype, magnitude):
         assert np.isnan(result) if np.isnan(bad) else result == np.inf
 
 
+@pytest.mark.full_optimisation
 def test_a_large_float32_output_is_not_refused():
     """y of 10²⁰ in float32: ‖y‖² overflowed the check's norm, which then refused a
     correct forward (NaN and a warning that blamed it)."""

@@ -18,6 +18,7 @@ def sqrt_fn():
     )
 
 
+@pytest.mark.full_optimisation
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 @pytest.mark.parametrize("n", [1, 10, 100_000])
 def test_elementwise_derivatives_match_the_closed_form(dtype, n):
@@ -52,6 +53,7 @@ def test_pytree_complex_and_vmap():
     np.testing.assert_allclose(batched(s), 3 * 0.5 / np.sqrt(s), rtol=1e-12)
 
 
+@pytest.mark.full_optimisation
 @pytest.mark.parametrize("n", [10, 100_000])
 @pytest.mark.parametrize("smallest", [0.0, 1e-17])
 def test_singular_diagonal_is_nan_and_warns_in_both_directions(n, smallest):
@@ -110,6 +112,7 @@ def test_is_diagonal_by_structure():
     assert found == [False]
 
 
+@pytest.mark.full_optimisation
 def test_large_operators_through_a_product_are_not_examined():
     """Above 1024 unknowns a product or reduction of the unknowns means "not
     diagonal" without running the detector (whose cost grows with the pattern);

@@ -18,7 +18,10 @@ from implicitdiff._solvers._on_host import HOST_CACHE, HOST_THREAD
 jax.config.update("jax_enable_x64", True)
 
 STATM = Path("/proc/self/statm")
-pytestmark = pytest.mark.skipif(not STATM.exists(), reason="needs /proc (Linux)")
+pytestmark = [
+    pytest.mark.skipif(not STATM.exists(), reason="needs /proc (Linux)"),
+    pytest.mark.full_optimisation,
+]
 
 
 def resident_mib() -> float:

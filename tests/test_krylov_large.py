@@ -13,6 +13,9 @@ import scipy.sparse.linalg as sla
 
 import implicitdiff as idf
 
+# Large sizes: compiled as users compile them (conftest.py).
+pytestmark = pytest.mark.full_optimisation
+
 jax.config.update("jax_enable_x64", True)
 
 N = 100_000

@@ -71,6 +71,7 @@ def _rss_bytes() -> int:
     return resident_pages * os.sysconf("SC_PAGE_SIZE")
 
 
+@pytest.mark.full_optimisation
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="Linux only")
 @pytest.mark.parametrize("on_failure", ["warn", "raise"])
 def test_no_memory_growth_over_1000_jitted_gradients(on_failure):
