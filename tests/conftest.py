@@ -34,15 +34,14 @@ jax.config.update("jax_enable_x64", True)
 _SLOWEST_FIRST = [
     "test_trust.py",
     "test_implicit_function.py",
-    "test_sparse_representation.py",
+    "test_user_edge.py",
     "test_krylov_solvers.py",
+    "test_sparse_representation.py",
     "test_sharding.py",
-    "test_properties.py",
+    "test_distributed.py",
     "test_solve_log.py",
     "test_conditions.py",
-    "test_diagonal.py",
-    "test_user_edge.py",
-    "test_distributed.py",
+    "test_properties.py",
 ]
 
 
