@@ -1,16 +1,21 @@
 """What happens when a linear solve fails: the `on_failure` policies."""
 
+import contextlib
+import contextvars
 import logging
 import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal, NamedTuple
 
+import equinox as eqx
 import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
-from jaxtyping import Array, Bool, PyTree
+from jaxtyping import Array, Bool, Int, PyTree
 
 from ._misc import nan_where
 
@@ -103,12 +108,58 @@ class CallSite(NamedTuple):
         )
 
 
+# Every call site that has called an implicit function, numbered: a compiled program
+# carries the number of the line that called it (`SiteNumber`), not the line itself.
+_SITES: list[CallSite] = []
+_SITE_NUMBERS: dict[CallSite, int] = {}
+_SITES_LOCK = threading.Lock()
+_CALLING_FROM: contextvars.ContextVar[CallSite | None] = contextvars.ContextVar(
+    "implicitdiff_calling_from", default=None
+)
+
+
+class SiteNumber(eqx.Module):
+    """A `CallSite` as a number that a compiled program takes as an input: an eager
+    call's program is the same whichever line calls it (compiled once, not once per
+    line: a notebook's every cell recompiled, 0.4 s for the README example), and its
+    warnings at run time still name the line that called."""
+
+    number: Int[Array | np.ndarray, ""]
+
+    @classmethod
+    def of(cls, site: CallSite) -> "SiteNumber":
+        with _SITES_LOCK:
+            if site not in _SITE_NUMBERS:
+                _SITE_NUMBERS[site] = len(_SITES)
+                _SITES.append(site)
+            return cls(np.asarray(_SITE_NUMBERS[site], np.int32))
+
+
+Site = CallSite | SiteNumber
+
+
+@contextlib.contextmanager
+def calling_from(site: CallSite) -> Iterator[None]:
+    """The call site that warnings raised while tracing (inside this block) name."""
+    token = _CALLING_FROM.set(site)
+    try:
+        yield
+    finally:
+        _CALLING_FROM.reset(token)
+
+
+def tracing_site() -> CallSite:
+    """The call site being traced: that of the innermost `calling_from`, or, for a
+    rule traced outside any call (a saved jaxpr differentiated later), the caller's."""
+    return _CALLING_FROM.get() or CallSite.of_caller()
+
+
 def apply_policy(
     x: PyTree[Array],
     failed: Bool[Array, ""],
     policy: OnFailure,
     message: str,
-    site: CallSite,
+    site: Site,
 ) -> PyTree[Array]:
     """NaN-fills `x` where `failed`, and warns or raises as `policy` says.
 
@@ -127,7 +178,7 @@ def apply_policy(
 
 
 def announce(
-    failed: Bool[Array, "*batch"], policy: OnFailure, message: str, site: CallSite
+    failed: Bool[Array, "*batch"], policy: OnFailure, message: str, site: Site
 ) -> Bool[Array, "*batch"]:
     """`failed`, after warning or raising as `policy` says when it holds anywhere.
 
@@ -148,17 +199,18 @@ def _zero_from(flag: Bool[Array, ""], dtype) -> Array:
     return flag.astype(dtype) * jnp.zeros((), dtype)
 
 
-def _warn(message: str, site: CallSite):
+def _warn(message: str, site: Site):
     """A `pure_callback` whose output feeds the result (so it is not dead code): unlike
     `jax.debug.callback` it carries no effect token, whose mere presence costs ~70 µs
-    per call on CPU."""
+    per call on CPU. A `SiteNumber` goes to the host with the flag."""
+    numbers = () if isinstance(site, CallSite) else (site.number,)
 
-    def host(flag):
-        site.warn(message)
+    def host(flag, *number):
+        (_SITES[int(number[0])] if number else site).warn(message)
         return flag
 
     return lambda flag: jax.pure_callback(
-        host, jax.ShapeDtypeStruct((), jnp.bool_), flag
+        host, jax.ShapeDtypeStruct((), jnp.bool_), flag, *numbers
     )
 
 

@@ -27,7 +27,7 @@ from jax.custom_derivatives import SymbolicZero
 from jaxtyping import PyTree
 
 from ._calling import call_compiled
-from ._failure import CallSite, OnFailure
+from ._failure import CallSite, OnFailure, SiteNumber, calling_from, tracing_site
 from ._host import is_host_function
 from ._misc import (
     add_poison,
@@ -69,11 +69,11 @@ class ImplicitFunction(eqx.Module):
     implicit function theorem.
 
     Calling it runs `forward`. Outside `jax.jit` it compiles itself as `jax.jit`
-    would (cached per function, call site and input shapes, and per the values that
-    `forward`, `conditions` and the non-array arguments read from globals, closures,
-    objects and containers, so that a changed one is seen; a call reading what
-    cannot be seen into runs eagerly): a later call, or derivative, costs what a
-    jitted one does. A forward that cannot be traced (NumPy, Python
+    would (cached per function and input shapes, whichever line calls it, and per
+    the values that `forward`, `conditions` and the non-array arguments read from
+    globals, closures, objects and containers, so that a changed one is seen; a call
+    reading what cannot be seen into runs eagerly): a later call, or derivative,
+    costs what a jitted one does. A forward that cannot be traced (NumPy, Python
     branches on values), one made by [`implicitdiff.host`][], and
     `on_failure="raise"` run eagerly instead, so that their errors come out as
     themselves; so do calls with Python floats or unhashable non-array arguments
@@ -150,11 +150,19 @@ class ImplicitFunction(eqx.Module):
             static_inputs = eqx.filter((x, args, kwargs), eqx.is_array, inverse=True)
             reads = outside_values(self.forward, self.conditions, static_inputs)
             eager = reads is OPAQUE  # what they read cannot key a cache
-        return call_compiled(
-            self._call, eager, site, x, args, kwargs, reads=reads, site=site
-        )
+        with calling_from(site):
+            return call_compiled(
+                self._call,
+                eager,
+                SiteNumber.of(site),
+                x,
+                args,
+                kwargs,
+                reads=reads,
+                site=site,
+            )
 
-    def _call(self, site: CallSite, x, args, kwargs):
+    def _call(self, site: SiteNumber, x, args, kwargs):
         forward, conditions, replayable = hoist_closed_over_tracers(
             self.forward, self.conditions, x, args, kwargs, self.has_byproduct
         )
@@ -162,8 +170,9 @@ class ImplicitFunction(eqx.Module):
             (conditions, x, args, kwargs), eqx.is_array
         )
         diff, nondiff = eqx.partition(arrays, is_inexact_array)
+        # The site's number is an input of the rule: a custom_jvp closes over no tracer.
         held, static_self = eqx.partition(
-            (forward, self.linear_solver, self.representation), eqx.is_array
+            (forward, self.linear_solver, self.representation, site), eqx.is_array
         )
         output_static = []  # filled by the primal: the forward's non-array outputs
 
@@ -172,7 +181,8 @@ class ImplicitFunction(eqx.Module):
             return inputs, eqx.combine(held, static_self)
 
         def primal(diff, nondiff, held):
-            (conditions, x, args, kwargs), (forward, _, _) = unpack(diff, nondiff, held)
+            inputs, (forward, _, _, site) = unpack(diff, nondiff, held)
+            conditions, x, args, kwargs = inputs
             output = call_forward(forward, x, args, kwargs)
             y, z = split_output(output, self.has_byproduct)
             y = jax.tree.map(jnp.asarray, y)
@@ -220,7 +230,7 @@ class ImplicitFunction(eqx.Module):
             # zeros, and linearising in them would be wasted work.
             moving, still = eqx.partition(diff, _moving(tangents[0]))
             t_moving = eqx.filter(tangents[0], _moving(tangents[0]))
-            _, (_, solver, representation) = unpack(diff, nondiff, held)
+            _, (_, solver, representation, site) = unpack(diff, nondiff, held)
 
             def c(moving, y):
                 inputs, _ = unpack(eqx.combine(moving, still), nondiff, held)
@@ -229,7 +239,9 @@ class ImplicitFunction(eqx.Module):
 
             if not jax.tree.leaves(moving):
                 return outputs, jax.tree.map(_zero_tangent, outputs)
-            warn_if_inputs_ignored(lambda m: c(m, y), moving, self.conditions, site)
+            warn_if_inputs_ignored(
+                lambda m: c(m, y), moving, self.conditions, tracing_site()
+            )
             A = _linearise(lambda y: c(moving, y), y)
             _, B = jax.linearize(lambda m: c(m, y), moving)
             B_t = B(t_moving)

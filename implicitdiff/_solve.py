@@ -11,7 +11,7 @@ from jax import lax
 from jaxtyping import Array, Bool, PyTree
 
 from . import _solve_record as solve_record
-from ._failure import CallSite, OnFailure, announce, apply_policy
+from ._failure import OnFailure, Site, announce, apply_policy
 from ._misc import (
     add_poison,
     any_nan,
@@ -38,7 +38,7 @@ def solve_linearised(
     solver: AbstractLinearSolver,
     representation: AbstractRepresentation,
     on_failure: OnFailure,
-    site: CallSite,
+    site: Site,
     complex_checked: bool = False,
 ) -> PyTree[Array]:
     """Solves `A ẏ = rhs` for the linearised conditions `A` at `y`, transposably.
@@ -117,7 +117,7 @@ def solve_with_presolve(
     operator: lx.AbstractLinearOperator,
     solver: AbstractLinearSolver,
     on_failure: OnFailure,
-    site: CallSite,
+    site: Site,
     system: str = "∂c/∂y",
     operator_finite: Bool[Array, ""] | bool = True,
 ) -> PyTree[Array]:
@@ -186,7 +186,7 @@ def _nan_unless_complex_linear(
     y_structure: PyTree,
     operator_finite: Bool[Array, ""],
     on_failure: OnFailure,
-    site: CallSite,
+    site: Site,
 ) -> PyTree[Array]:
     """`rhs`, all NaN (with the policy's warning or error) unless `A` is complex-linear:
     conditions that use `conj`, `abs`, `real` or `imag` of a complex `y` have a

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, PyTree
 
-from ._failure import ON_FAILURE_CHOICES, CallSite, OnFailure, announce
+from ._failure import ON_FAILURE_CHOICES, OnFailure, Site, announce
 from ._misc import name_of, size, structure, tree_norms
 from ._solvers._base import AbstractLinearSolver
 from ._solvers._preconditioner import AbstractPreconditioner
@@ -155,7 +155,7 @@ def announce_failed_conditions(
     tolerance: float,
     on_failure: OnFailure,
     forward: Callable,
-    site: CallSite,
+    site: Site,
 ) -> Bool[Array, ""]:
     """`failed` (from `conditions_failed`), after warning or raising as
     `on_failure` says when it holds."""
