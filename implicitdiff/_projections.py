@@ -62,7 +62,10 @@ def box(
     """
 
     def clip(u, lo, hi):
-        return jnp.where(u < lo, lo, jnp.where(u > hi, hi, u)).astype(u.dtype)
+        # Equal bounds fix the element: it moves with them, not with u (which
+        # `lo ≤ u ≤ hi` would pick at u = lo = hi).
+        fixed = (u < lo) | (lo == hi)
+        return jnp.where(fixed, lo, jnp.where(u > hi, hi, u)).astype(u.dtype)
 
     return jax.tree.map(clip, v, broadcast_like(lower, v), broadcast_like(upper, v))
 
@@ -154,9 +157,11 @@ def l2_ball(v: PyTree[ArrayLike], radius: ArrayLike = 1.0) -> PyTree[Array]:
     The projection, shaped like `v`.
     """
     squared = _sum_of_squares(v)
-    outside = squared > radius**2
-    # The norm only where it is used: its derivative at v = 0 would be NaN.
-    norm = jnp.sqrt(jnp.where(outside, squared, 1))
+    # A zero radius maps everything to 0, v = 0 too (where `‖v‖ > radius` fails):
+    # its derivative in v is 0 there, not the identity.
+    outside = (squared > radius**2) | (radius == 0)
+    # The norm only where it is nonzero: its derivative at v = 0 would be NaN.
+    norm = jnp.sqrt(jnp.where(squared > 0, squared, 1))
     factor = jnp.where(outside, radius / norm, 1)
     return jax.tree.map(lambda u: (factor * u).astype(u.dtype), v)
 

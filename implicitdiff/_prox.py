@@ -24,7 +24,10 @@ def l1(v: PyTree[ArrayLike], strength: PyTree[ArrayLike]) -> PyTree[Array]:
     """
 
     def soft_threshold(u, s):
-        return jnp.where(u > s, u - s, jnp.where(u < -s, u + s, 0)).astype(u.dtype)
+        # At zero strength the map is the identity, also at u = 0 (where `|u| > s`
+        # fails): its derivative there is 1, not the 0 of the thresholded branch.
+        kept = (jnp.abs(u) > s) | (s == 0)
+        return jnp.where(kept, u - jnp.sign(u) * s, 0).astype(u.dtype)
 
     return jax.tree.map(soft_threshold, v, broadcast_like(strength, v))
 
@@ -86,9 +89,10 @@ def group_l2(v: PyTree[ArrayLike], strength: ArrayLike) -> PyTree[Array]:
         axes = tuple(range(1, u.ndim))
         squared = jnp.sum(jnp.abs(u) ** 2, axis=axes, keepdims=True)
         s = jnp.reshape(strength, jnp.shape(strength) + (1,) * (u.ndim - 1))
-        kept = squared > s**2
-        # The norm only where the group is kept: its derivative at 0 would be NaN.
-        norm = jnp.sqrt(jnp.where(kept, squared, 1))
+        # At zero strength the map is the identity, also for a zero group.
+        kept = (squared > s**2) | (s == 0)
+        # The norm only where it is nonzero: its derivative at 0 would be NaN.
+        norm = jnp.sqrt(jnp.where(squared > 0, squared, 1))
         return jnp.where(kept, u * (1 - s / norm), 0).astype(u.dtype)
 
     return jax.tree.map(shrink, v)

@@ -321,3 +321,19 @@ def test_keyword_arguments_reach_the_user_functions_and_are_differentiated():
         lambda lam: solve(None, X=X, t=t, lam=lam, init=jnp.zeros(3)).sum()
     )(lam)
     np.testing.assert_allclose(dsum, expected.sum(), rtol=1e-7)
+
+
+def test_a_variable_fixed_by_equal_bounds_moves_with_them():
+    """Bounds `x ≤ y ≤ x` fix y = x whatever the objective: dy/dx = I. Where the
+    unconstrained minimiser `a` sits on the bounds (x₀ = a₀), the box projection once
+    followed its argument at `v = lower = upper`, and dy₀/dx₀ was 0, finite and
+    wrong."""
+    a = jnp.array([2.0, 3.0, -1.0])
+    objective = lambda x, y: 0.5 * jnp.sum((y - a) ** 2)  # noqa: E731
+    fixed = lambda v, x: projections.box(v, x, x)  # noqa: E731
+    f = idf.ImplicitFunction(
+        lambda x: x, conditions.projected_gradient(objective, fixed, step=0.5)
+    )
+    x = jnp.array([2.0, 1.0, 0.0])
+    for mode in (jax.jacfwd, jax.jacrev):
+        np.testing.assert_allclose(mode(f)(x), np.eye(3))

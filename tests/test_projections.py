@@ -293,3 +293,31 @@ def test_zero_scale_derivative_is_nan_in_both_directions(project, d_scale_at_one
         # {1.2, −0.5} (ℓ1 ball), the scale is shared equally.
         _, d_scale = jacobian(project, argnums=(0, 1))(v, 1.0)
         np.testing.assert_allclose(d_scale, d_scale_at_one)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("jacobian", [jax.jacfwd, jax.jacrev])
+def test_degenerate_parameters_that_leave_a_smooth_map(dtype, jacobian):
+    """A zero strength makes soft thresholding and group shrinkage the identity, a
+    zero radius makes the ℓ2 ball's projection 0, equal bounds fix a box element at
+    them: smooth maps, whose derivative at v = 0 (or v at the bound) the strict
+    comparisons once took from the wrong branch (0 for I, I for 0), finite and
+    wrong, also through conditions built on them."""
+    zero = jnp.zeros(3, dtype)
+    eye = np.eye(3)
+    cases = [
+        (lambda v: prox.l1(v, 0.0), eye),
+        (lambda v: prox.group_l2(v[None], 0.0)[0], eye),
+        (lambda v: projections.l2_ball(v, 0.0), 0 * eye),
+        (lambda v: projections.box(v, 0.0, 0.0), 0 * eye),
+    ]
+    for project, expected in cases:
+        np.testing.assert_array_equal(project(zero), zero)
+        np.testing.assert_allclose(jacobian(project)(zero), expected)
+    # An element fixed by equal bounds moves with them: d/dc box(c, c, c) = (0, 1).
+    moved = jacobian(lambda vc: projections.box(vc[0], vc[1], vc[1]))
+    np.testing.assert_allclose(moved(jnp.ones(2, dtype)), [0.0, 1.0])
+    # Zero strength: d/ds of soft thresholding is −sign(v), 0 at v = 0.
+    v = jnp.asarray([-1.0, 0.0, 2.0], dtype)
+    d_strength = jacobian(lambda s: prox.l1(v, s))(jnp.asarray(0.0, dtype))
+    np.testing.assert_allclose(d_strength, [1.0, 0.0, -1.0])

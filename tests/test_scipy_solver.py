@@ -2,6 +2,8 @@
 and vmap, through ImplicitFunction against analytic derivatives, one factorisation
 per linearisation point, and NaN on every kind of failure."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import lineax as lx
@@ -221,3 +223,22 @@ def test_splu_without_pivoting_is_refined_to_full_accuracy(dtype):
             J = np.asarray(jacobian(f)(jnp.ones(3, dtype)), np.float64)
             error = np.abs(J - exact).sum(0).max() / np.abs(exact).sum(0).max()
             assert error <= 100 * np.linalg.cond(M, 1) * eps, (pivot, jacobian)
+
+
+@pytest.mark.parametrize("method", ["splu", "spsolve"])
+def test_zero_right_hand_sides_are_solved_not_refused(method):
+    """A zero tangent or cotangent, or a zero column among `jacrev`'s (an output that
+    ignores part of `y`): its backward error was 0/0, NaN, refused, and the whole
+    batch came back NaN with a false warning. dy/dx of √x is diag(1/(2√x))."""
+    f = idf.ImplicitFunction(
+        jnp.sqrt, lambda x, y: y**2 - x, linear_solver=idf.SciPy(method)
+    )
+    x = jnp.array([4.0, 9.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pullback = jax.vjp(f, x)[1](jnp.zeros(2))[0]
+        pushforward = jax.jvp(f, (x,), (jnp.zeros(2),))[1]
+        J = jax.jacrev(lambda x: jnp.stack([f(x)[0], 0.0 * f(x)[1]]))(x)
+    np.testing.assert_array_equal(pullback, np.zeros(2))
+    np.testing.assert_array_equal(pushforward, np.zeros(2))
+    np.testing.assert_allclose(J, [[0.25, 0.0], [0.0, 0.0]], rtol=1e-12)

@@ -273,10 +273,11 @@ def _all_nan(B):
 
 def _solve_direct(csr, prepared, B):
     """The solutions of the rows of `B`, each NaN unless its normwise backward error
-    is at most `√ε`. A row whose backward error exceeds `8ε` gets up to two steps of
-    iterative refinement first: with SuperLU's default pivoting that almost never
-    happens, but with pivoting turned off (`diag_pivot_thresh=0`) a well-conditioned
-    system came back with 10⁵ times the error `κ·ε` allows, and passed."""
+    is at most `√ε` (a zero row's, zero, is exact). A row whose backward error
+    exceeds `8ε` gets up to two steps of iterative refinement first: with SuperLU's
+    default pivoting that almost never happens, but with pivoting turned off
+    (`diag_pivot_thresh=0`) a well-conditioned system came back with 10⁵ times the
+    error `κ·ε` allows, and passed."""
     solve, norm_A = prepared[:2]
 
     def solve_rows(R):
@@ -286,8 +287,12 @@ def _solve_direct(csr, prepared, B):
     eps = np.finfo(X.dtype).eps
     for step in range(3):
         R = B - (csr @ X.T).T
-        backward = np.max(np.abs(R), axis=1) / (
-            norm_A * np.max(np.abs(X), axis=1) + np.max(np.abs(B), axis=1)
+        residual = np.max(np.abs(R), axis=1)
+        size = norm_A * np.max(np.abs(X), axis=1) + np.max(np.abs(B), axis=1)
+        # An exact row (a zero right-hand side's zero solution: a zero column of a
+        # Jacobian) has backward error 0, not the NaN of 0/0 that failed the batch.
+        backward = np.divide(
+            residual, size, out=np.where(residual == 0, 0.0, np.nan), where=size > 0
         )
         coarse = ~(backward <= 8 * eps)  # NaN included: refinement will not help
         if step == 2 or not np.any(coarse & np.isfinite(backward)):
