@@ -508,6 +508,42 @@ def test_sparse_pattern_missing_an_entry_next_to_a_large_row(dtype, scale):
     assert np.allclose(jax.jacrev(complete)(x), expected, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("dtype, small", [(jnp.float32, 1e-4), (jnp.float64, 5e-9)])
+def test_sparse_pattern_missing_a_small_entry_of_a_sensitive_system(dtype, small):
+    """∂c/∂y is I but for the block [[1, s], [1, 2s]] (κ = 2·10⁴ in float32, 4·10⁸
+    in float64: each dtype solves it well), and the pattern misses the entry s. It
+    once passed the check, whose tolerance was √ε of the row: the derivative dy₀/dx₀
+    came back 1 for 2, finite and wrong. A pattern that is right for conditions that
+    cancel large terms inside (their JVP's rounding is that of the large terms) is
+    not refused."""
+    n = 10  # a pattern whose rows hold under half the columns is coloured
+    M = np.eye(n)
+    M[0, 1], M[1, 0], M[1, 1] = small, 1.0, 2 * small
+    A = jnp.asarray(M, dtype)
+    missing = np.eye(n)
+    missing[1, 0] = 1.0
+
+    def implicit(conditions, pattern):
+        sparse = idf.Sparse(sp.csr_matrix(pattern))
+        return unchecked(lambda x: x, conditions, representation=sparse)
+
+    x = jnp.ones(n, dtype)
+    wrong = implicit(lambda x, y: A @ y - x, missing)
+    for mode in (jax.jacfwd, jax.jacrev):
+        with pytest.warns(RuntimeWarning, match="did not solve"):
+            assert all_nan(mode(wrong)(x))
+    # A well-conditioned tridiagonal system whose conditions cancel `big·y`.
+    T = 4 * np.eye(n) - np.eye(n, k=1) - np.eye(n, k=-1)
+    big = 1e4 if dtype == jnp.float32 else 1e8
+    cancelling = implicit(
+        lambda x, y: (big * y + jnp.asarray(T, dtype) @ y) - big * y - x, T != 0
+    )
+    for mode in (jax.jacfwd, jax.jacrev):
+        J = np.asarray(mode(cancelling)(x), np.float64)
+        error = np.max(np.abs(J - np.linalg.inv(T)))
+        assert error <= 100 * big * float(jnp.finfo(dtype).eps)
+
+
 # ------------------------------------------------------------------ point 8
 
 
