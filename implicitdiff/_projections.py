@@ -82,11 +82,17 @@ def _simplex_threshold_by_sort(u: Float[Array, " n"], scale) -> Float[Array, ""]
     return candidates[support - 1]
 
 
+def _on_support(u, tau):
+    """The support `u ≥ τ`, elements at the threshold included: at a zero scale
+    `τ = max(u)`, and the support is the largest elements, not empty."""
+    return u >= tau
+
+
 def _simplex_conditions(tau, u, scale):
-    return jnp.sum(jnp.where(u > tau, u - tau, 0)) - scale
+    return jnp.sum(jnp.where(_on_support(u, tau), u - tau, 0)) - scale
 
 
-# ∂c/∂τ = −|support|: a 1×1 system, never singular for scale > 0.
+# ∂c/∂τ = −|support|: a 1×1 system, never singular (the support is never empty).
 _simplex_threshold = ImplicitFunction(
     lambda u, scale: _simplex_threshold_by_sort(u, scale),
     lambda u, tau, scale: _simplex_conditions(tau, u, scale),
@@ -107,8 +113,9 @@ def simplex(v: PyTree[ArrayLike], scale: ArrayLike = 1.0) -> PyTree[Array]:
 
     - `v`: a pytree of arrays, projected as one vector (all its elements sum to
         `scale`).
-    - `scale`: the simplex's sum, positive. At zero every derivative is NaN (the
-        support is empty), with a `RuntimeWarning`.
+    - `scale`: the simplex's sum, non-negative. At zero the projection is 0 and its
+        derivatives are the one-sided ones (for `scale → 0⁺`): zero in `v`, and in
+        `scale` the largest elements' indicator over their number.
 
     **Returns:**
 
@@ -117,10 +124,15 @@ def simplex(v: PyTree[ArrayLike], scale: ArrayLike = 1.0) -> PyTree[Array]:
     u = ravel(v)
     scale = jnp.asarray(scale, u.dtype)
     tau = _simplex_threshold(u, scale)
-    # `0·τ`: a NaN derivative of τ (a zero scale leaves the support empty, and the
-    # 1×1 system singular) reaches every output in forward mode too, where `where`
-    # would drop it outside the support and return a finite wrong d/d scale.
-    return unravel(jnp.where(u > tau, u - tau, 0) + 0 * tau, structure(v))
+    support = _on_support(u, tau)
+    # At a zero scale the projection is 0 whatever v (no derivative in v, also with
+    # ties at the largest element, where u − τ would have one), and it grows with
+    # the scale along the largest elements, shared equally.
+    at_zero = jnp.where(support, scale / jnp.sum(support), 0)
+    projected = jnp.where(scale == 0, at_zero, jnp.where(support, u - tau, 0))
+    # `0·τ`: a NaN derivative of τ (a failed solve) reaches every output in forward
+    # mode too, where `where` would drop it outside the support.
+    return unravel(projected + 0 * tau, structure(v))
 
 
 def l1_ball(v: PyTree[ArrayLike], radius: ArrayLike = 1.0) -> PyTree[Array]:
@@ -130,8 +142,9 @@ def l1_ball(v: PyTree[ArrayLike], radius: ArrayLike = 1.0) -> PyTree[Array]:
     **Arguments:**
 
     - `v`: a pytree of arrays, projected as one vector.
-    - `radius`: the ball's radius, positive. At zero every derivative is NaN, with a
-        `RuntimeWarning`.
+    - `radius`: the ball's radius, non-negative. At zero the projection is 0 and its
+        derivatives are the one-sided ones (for `radius → 0⁺`): zero in `v`, and in
+        `radius` the signs of the largest elements of `|v|` over their number.
 
     **Returns:**
 
@@ -140,7 +153,9 @@ def l1_ball(v: PyTree[ArrayLike], radius: ArrayLike = 1.0) -> PyTree[Array]:
     u = ravel(v)
     radius = jnp.asarray(radius, u.dtype)
     on_sphere = jnp.sign(u) * ravel(simplex(jnp.abs(u), radius))
-    inside = jnp.sum(jnp.abs(u)) <= radius
+    # A zero radius has no inside: the ball is {0}, v = 0 included (whose derivative
+    # in v is then 0, not the identity).
+    inside = (jnp.sum(jnp.abs(u)) <= radius) & (radius > 0)
     return unravel(jnp.where(inside, u, on_sphere), structure(v))
 
 

@@ -275,24 +275,30 @@ def test_simplex_with_a_scale_below_the_rounding_unit_of_v():
     assert float(jnp.sum(jnp.abs(ball))) <= 1e-30 + np.spacing(0.3)
 
 
+@pytest.mark.parametrize("project", [projections.simplex, projections.l1_ball])
 @pytest.mark.parametrize(
-    "project, d_scale_at_one",
-    [(projections.simplex, [0.5, 0.5, 0.0]), (projections.l1_ball, [0.0, 0.5, -0.5])],
+    "v", [[0.3, 1.2, -0.5], [1.2, 1.2, -0.5], [0.0, 0.0, 0.0]], ids=str
 )
-def test_zero_scale_derivative_is_nan_in_both_directions(project, d_scale_at_one):
-    """With a zero scale (radius) the support is empty and the threshold's 1×1 system
-    singular: its derivative is NaN (with the warning) in both modes. Forward mode
-    once returned d/d scale = 0 (the projection's `where` dropped the NaN outside the
-    support), where the one-sided derivative is a unit vector."""
-    v = jnp.array([0.3, 1.2, -0.5])
+def test_zero_scale_derivatives_are_the_one_sided_ones(project, v):
+    """At a zero scale (radius) the projection is 0 whatever v: its derivative in v
+    is 0, and in the scale that of `scale → 0⁺` (a forward difference from the
+    right), in both modes and without a warning. The threshold's support once came
+    out empty there: NaN in forward mode, finite in reverse (direction-dependent),
+    and the ℓ1 ball at v = 0 returned the identity for 0."""
+    v = jnp.asarray(v)
+    h = 1e-7  # below every gap between the elements of |v|: the support holds
+    d_scale_right = (np.asarray(project(v, h)) - np.asarray(project(v, 0.0))) / h
     for jacobian in (jax.jacfwd, jax.jacrev):
-        with pytest.warns(RuntimeWarning, match="did not solve"):
-            _, d_scale = jacobian(project, argnums=(0, 1))(v, 0.0)
-        assert np.all(np.isnan(d_scale)), jacobian
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            d_v, d_scale = jacobian(project, argnums=(0, 1))(v, 0.0)
+        np.testing.assert_array_equal(d_v, np.zeros((3, 3)))
+        np.testing.assert_allclose(d_scale, d_scale_right, atol=1e-8)
         # A positive scale is unaffected: on the support {1.2, 0.3} (simplex) or
-        # {1.2, −0.5} (ℓ1 ball), the scale is shared equally.
-        _, d_scale = jacobian(project, argnums=(0, 1))(v, 1.0)
-        np.testing.assert_allclose(d_scale, d_scale_at_one)
+        # {1.2, −0.5} (ℓ1 ball) of the first v, the scale is shared equally.
+        _, d_scale = jacobian(project, argnums=(0, 1))(jnp.array([0.3, 1.2, -0.5]), 1.0)
+        expected = [0.5, 0.5, 0.0] if project is projections.simplex else [0, 0.5, -0.5]
+        np.testing.assert_allclose(d_scale, expected)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
