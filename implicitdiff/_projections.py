@@ -48,7 +48,7 @@ def box(
 ) -> PyTree[Array]:
     """Projection onto the box `{u: lower ≤ u ≤ upper}`: `clip(v, lower, upper)`.
 
-    Differentiable in the bounds: an element at a bound moves with it.
+    Differentiable in the bounds: an element at a bound (or beyond it) moves with it.
 
     **Arguments:**
 
@@ -62,10 +62,10 @@ def box(
     """
 
     def clip(u, lo, hi):
-        # Equal bounds fix the element: it moves with them, not with u (which
-        # `lo ≤ u ≤ hi` would pick at u = lo = hi).
-        fixed = (u < lo) | (lo == hi)
-        return jnp.where(fixed, lo, jnp.where(u > hi, hi, u)).astype(u.dtype)
+        # An element at a bound stays there (moves with the bound, not with u), as
+        # `non_negative` keeps 0 at 0; equal bounds fix it (with `lo < u < hi` for
+        # the free side, u = lo = hi once moved with u).
+        return jnp.where(u <= lo, lo, jnp.where(u >= hi, hi, u)).astype(u.dtype)
 
     return jax.tree.map(clip, v, broadcast_like(lower, v), broadcast_like(upper, v))
 

@@ -323,6 +323,12 @@ def test_degenerate_parameters_that_leave_a_smooth_map(dtype, jacobian):
     # An element fixed by equal bounds moves with them: d/dc box(c, c, c) = (0, 1).
     moved = jacobian(lambda vc: projections.box(vc[0], vc[1], vc[1]))
     np.testing.assert_allclose(moved(jnp.ones(2, dtype)), [0.0, 1.0])
+    # At a bound an element stays there, as `non_negative` keeps 0 at 0 (box once
+    # followed v at v = lower: the two disagreed).
+    on_bounds = jnp.asarray([0.0, 0.5, 1.0], dtype)
+    at_bounds = jacobian(lambda v: projections.box(v, 0.0, 1.0))(on_bounds)
+    np.testing.assert_allclose(at_bounds, np.diag([0.0, 1.0, 0.0]))
+    np.testing.assert_allclose(jacobian(projections.non_negative)(zero), 0 * eye)
     # Zero strength: d/ds of soft thresholding is −sign(v), 0 at v = 0.
     v = jnp.asarray([-1.0, 0.0, 2.0], dtype)
     d_strength = jacobian(lambda s: prox.l1(v, s))(jnp.asarray(0.0, dtype))
