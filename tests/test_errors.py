@@ -100,3 +100,14 @@ def test_linear_solve_integer_values_and_column_right_hand_side():
     column = idf.linear_solve(A, jnp.ones((3, 1)))  # shaped like b, as jnp.linalg.solve
     assert column.shape == (3, 1)
     np.testing.assert_allclose(column[:, 0], [1.0, 0.5, 0.25])
+
+
+@pytest.mark.parametrize("solver", [lx.CG(rtol=1e-8, atol=1e-8), lx.Cholesky()])
+def test_lineax_solvers_that_need_tags_name_the_alternative(solver):
+    """lineax's CG and Cholesky need an operator tagged definite, which ∂c/∂y is
+    not: the error says so and names implicitdiff's own CG, at trace time."""
+    f = idf.ImplicitFunction(
+        jnp.sqrt, lambda x, y: y**2 - x, linear_solver=idf.Lineax(solver)
+    )
+    with pytest.raises(ValueError, match=r"implicitdiff\.CG\(\)"):
+        jax.grad(lambda x: f(x).sum())(jnp.ones(3))

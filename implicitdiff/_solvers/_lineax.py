@@ -88,7 +88,19 @@ class Lineax(AbstractLinearSolver):
             "lineax's factorisations call LAPACK, which has no 16-bit types, and its "
             "iterative solvers mix dtypes",
         )
-        state = self.solver.init(A, self._options)
+        try:
+            state = self.solver.init(A, self._options)
+        except ValueError as error:
+            if "definite" not in str(error):
+                raise
+            name = type(self.solver).__name__
+            raise ValueError(
+                f"implicitdiff: Lineax(lx.{name}()) needs an operator tagged positive "
+                "or negative definite, and ∂c/∂y reaches it without tags (nothing "
+                "tells it is definite). Use implicitdiff.CG() (conjugate gradients "
+                "without tags), or Lineax(lx.LU()) / implicitdiff.Direct() for a "
+                f"factorisation. (lineax: {error})"
+            ) from None
         b_structure = A.out_structure()
         dtype = jnp.result_type(*jax.tree.leaves(b_structure))
         rhs = jnp.concatenate(
