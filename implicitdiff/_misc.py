@@ -96,9 +96,9 @@ def tree_norm(tree: PyTree[Array]) -> Float[Array, ""]:
     return tree_norms(tree)[0]
 
 
-def tree_norms(*trees: PyTree[Array]) -> Float[Array, " k"]:
-    """The 2-norms of several trees (each over every element of every leaf), as one
-    vector of their widest dtype (at least float32).
+def tree_norms(*trees: PyTree[Array]) -> tuple[Float[Array, ""], ...]:
+    """The 2-norms of several trees (each over every element of every leaf), as
+    scalars of their widest dtype (at least float32).
 
     One pass per leaf, safe from overflow (as LAPACK's `xNRM2`, with Blue's idea):
     elements above `2^((e − 32)/2)` (`e` the dtype's largest exponent: about 10¹⁴ in
@@ -108,51 +108,64 @@ def tree_norms(*trees: PyTree[Array]) -> Float[Array, " k"]:
     Squares that underflow (below about 10⁻¹⁹ in float32) count as 0: every check
     compares with `1 + ‖y‖` or with a norm that is not that small.
 
-    Both sums of a leaf come from one variadic reduction, and the trees' norms are
-    finished together, as vectors: XLA:CPU compiles every reduction and every scalar
-    operation that feeds two others into a kernel of its own, at ~5 ms of compilation
-    each, and the check of the forward's output is in every program."""
+    Leaves of the same shape in every tree (`c` and `y` of a square system) are
+    reduced together, every sum of every tree in one variadic reduction, and the
+    norms are finished with scalar operations that XLA fuses into one kernel:
+    XLA:CPU compiles every reduction, and every operation that feeds two others, into
+    a kernel of its own, at ~5 ms of compilation each, and the check of the
+    forward's output is in every program."""
     leaves = [jax.tree.leaves(tree) for tree in trees]
     if not any(leaves):
-        return jnp.zeros(len(trees))
+        return (jnp.zeros(()),) * len(trees)
     dtype = check_dtype(jnp.result_type(*(leaf for group in leaves for leaf in group)))
     largest_exponent = jnp.finfo(dtype).maxexp
     threshold = 2.0 ** ((largest_exponent - 32) // 2)
     scale = 2.0 ** -((largest_exponent + 32) // 2)  # (max·scale)²·2³¹ stays finite
     zero = jnp.zeros((), dtype)
-    small, large = [], []
-    for group in leaves:
-        magnitudes = [jnp.abs(leaf).astype(dtype) for leaf in group]
-        sums = [_sums_of_squares(m, threshold, scale) for m in magnitudes]
-        small.append(sum((pair[0] for pair in sums), zero))
-        large.append(sum((pair[1] for pair in sums), zero))
-    small, large = jnp.stack(small), jnp.stack(large)
-    # hypot, not √(large + small·scale²)/scale: XLA folds (small·scale)·scale into
-    # small·scale², and scale² underflows float32.
-    both = jnp.hypot(jnp.sqrt(large) / scale, jnp.sqrt(small))
-    return jnp.where(large > 0, both, jnp.sqrt(small))
+    sums = [[zero, zero] for _ in trees]  # per tree: Σ small², Σ (large·scale)²
+    shapes = [[jnp.shape(leaf) for leaf in group] for group in leaves]
+    if all(group == shapes[0] for group in shapes):
+        batches = [(here, range(len(trees))) for here in zip(*leaves, strict=True)]
+    else:
+        batches = [((leaf,), (k,)) for k, group in enumerate(leaves) for leaf in group]
+    for leaves_here, owners in batches:
+        if not leaves_here[0].size:
+            continue
+        operands = []
+        for leaf in leaves_here:
+            operands += _split_squares(jnp.abs(leaf).astype(dtype), threshold, scale)
+        dimensions = tuple(range(operands[0].ndim))
+        reduced = lax.reduce(
+            tuple(operands), (zero,) * len(operands), _add_all, dimensions
+        )
+        for k, i in enumerate(owners):
+            sums[i][0] = sums[i][0] + reduced[2 * k]
+            sums[i][1] = sums[i][1] + reduced[2 * k + 1]
+    return tuple(_finish_norm(small, large, scale) for small, large in sums)
 
 
-def _sums_of_squares(magnitude: Array, threshold: float, scale: float) -> tuple:
-    """`(Σ small², Σ (large·scale)²)` over a leaf's magnitudes, in one variadic
-    reduction."""
-    zero = jnp.zeros((), magnitude.dtype)
-    if magnitude.size == 0:
-        return zero, zero
+def _split_squares(magnitude: Array, threshold: float, scale: float) -> list[Array]:
+    """`[small², (large·scale)²]`: a leaf's magnitudes, split at `threshold` and
+    squared without overflow."""
     is_large = magnitude > threshold  # False for NaN: counted in the small sum
-    return lax.reduce(
-        (
-            jnp.where(is_large, 0, magnitude) ** 2,
-            jnp.where(is_large, magnitude * scale, 0) ** 2,
-        ),
-        (zero, zero),
-        _add_pairs,
-        tuple(range(magnitude.ndim)),
-    )
+    zeros = lax.full_like(magnitude, 0)
+    small = lax.select(is_large, zeros, magnitude)
+    large = lax.select(is_large, magnitude * scale, zeros)
+    return [small * small, large * large]
 
 
-def _add_pairs(a, b):
-    return a[0] + b[0], a[1] + b[1]
+def _add_all(a, b):
+    return tuple(x + y for x, y in zip(a, b, strict=True))
+
+
+def _finish_norm(small: Array, large: Array, scale: float) -> Array:
+    """`√(small + large/scale²)`, as a hypot without its `jit`: not
+    `√(large + small·scale²)/scale`, as XLA folds `(small·scale)·scale` into
+    `small·scale²`, and `scale²` underflows float32."""
+    root_small, root_large = lax.sqrt(small), lax.sqrt(large) / scale
+    bigger = lax.max(root_small, root_large)
+    ratio = lax.min(root_small, root_large) / bigger
+    return lax.select(large > 0, bigger * lax.sqrt(1 + ratio * ratio), root_small)
 
 
 def all_finite(tree: PyTree[Array]) -> Bool[Array, ""]:
@@ -167,6 +180,8 @@ def any_nan(tree: PyTree[Array]) -> Bool[Array, ""]:
     """Whether any element of any leaf is NaN (a boolean reduction: NaN-safe at every
     size, unlike a `max`)."""
     flags = [jnp.any(jnp.isnan(leaf)) for leaf in jax.tree.leaves(tree)]
+    if len(flags) == 1:
+        return flags[0]
     return jnp.any(jnp.stack(flags)) if flags else jnp.array(False)
 
 
@@ -302,13 +317,60 @@ def max_abs(tree: PyTree[Array]) -> Float[Array, ""]:
     """`max |element|` over all leaves: NaN if any element is NaN, 0 if empty. In at
     least float32, so that the checks' products with it cannot overflow a 16-bit
     type (float16 ends at 65 504)."""
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.zeros(())
-    dtype = check_dtype(jnp.result_type(*leaves))
-    if len(leaves) == 1:
-        return max_or_nan(jnp.abs(leaves[0])).astype(dtype)
-    return max_or_nan(jnp.stack([max_or_nan(jnp.abs(v)).astype(dtype) for v in leaves]))
+    return max_abs_many(tree)[0]
+
+
+def max_abs_many(*trees: PyTree[Array]) -> tuple[Float[Array, ""], ...]:
+    """`max_abs` of each tree. Leaves of the same shape in every tree (a solution and
+    its right-hand side) are reduced together, in one variadic reduction: one kernel,
+    where XLA:CPU compiles every reduction into a kernel of its own."""
+    leaves = [jax.tree.leaves(tree) for tree in trees]
+    if not any(leaves):
+        return (jnp.zeros(()),) * len(trees)
+    dtype = check_dtype(jnp.result_type(*(leaf for group in leaves for leaf in group)))
+    shapes = [[jnp.shape(leaf) for leaf in group] for group in leaves]
+    if all(group == shapes[0] for group in shapes):
+        per_position = [
+            maxima(*(jnp.abs(leaf).astype(dtype) for leaf in position))
+            for position in zip(*leaves, strict=True)
+        ]
+        per_tree = list(zip(*per_position, strict=True))
+    else:
+        per_tree = [
+            [maxima(jnp.abs(leaf).astype(dtype))[0] for leaf in group]
+            for group in leaves
+        ]
+    return tuple(
+        ft.reduce(_max_or_nan_pair, group) if group else jnp.zeros((), dtype)
+        for group in per_tree
+    )
+
+
+def maxima(*xs: Array) -> tuple[Array, ...]:
+    """`max_or_nan` of each of several arrays of one shape (over all their elements),
+    in one variadic reduction."""
+    xs = [lax.stop_gradient(jnp.asarray(x)) for x in xs]
+    if xs[0].size == 0:
+        return tuple(jnp.zeros((), x.dtype) for x in xs)
+    operands, initial = [], []
+    for x in xs:
+        operands += [x, jnp.isnan(x)]
+        initial += [jnp.array(-jnp.inf, x.dtype), jnp.array(False)]
+    reduced = lax.reduce(
+        tuple(operands), tuple(initial), _max_and_or_all, tuple(range(xs[0].ndim))
+    )
+    return tuple(nan_where(reduced[2 * k + 1], reduced[2 * k]) for k in range(len(xs)))
+
+
+def _max_and_or_all(a, b):
+    return tuple(
+        lax.max(u, v) if k % 2 == 0 else u | v
+        for k, (u, v) in enumerate(zip(a, b, strict=True))
+    )
+
+
+def _max_or_nan_pair(a: Array, b: Array) -> Array:
+    return nan_where(jnp.isnan(a) | jnp.isnan(b), lax.max(a, b))
 
 
 def binary_exponent(tree: PyTree[Array], headroom: int | None = None) -> Int[Array, ""]:
@@ -362,11 +424,23 @@ def credible(
     residual, from a singular matrix that had no small pivot. `norm_bound = inf`
     accepts only `x = 0`. And `x = 0` solves only `b = 0`: a solver whose norms
     underflow (a Krylov method on a right-hand side of 10⁻²⁰ in float32, with
-    `‖b‖² = 0`) may stop at once at `x = 0`. One reduction over `x` and one over `b`:
-    NaN and inf propagate through `max_abs` and fail the comparison.
+    `‖b‖² = 0`) may stop at once at `x = 0`. One reduction over `x` and `b` together
+    (two when their leaves differ in shape): NaN and inf propagate through the
+    maxima and fail the comparison.
     """
-    x_max, b_max = max_abs(x), max_abs(b)
-    threshold = singular_threshold(size(x), result_dtype(x))
+    x_max, b_max = max_abs_many(x, b)
+    return credible_maxima(norm_bound, x_max, b_max, size(x), result_dtype(x))
+
+
+def credible_maxima(
+    norm_bound: Float[Array, ""],
+    x_max: Float[Array, ""],
+    b_max: Float[Array, ""],
+    n: int,
+    dtype,
+) -> Bool[Array, ""]:
+    """`credible` from `max_abs` of `x` and of `b`, for `n` unknowns of `dtype`."""
+    threshold = singular_threshold(n, dtype)
     bounded = (norm_bound * x_max <= threshold * b_max) | (x_max == 0)
     zero_for_zero = (x_max > 0) | (b_max == 0)
     return jnp.isfinite(b_max) & jnp.isfinite(x_max) & bounded & zero_for_zero

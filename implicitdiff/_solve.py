@@ -14,13 +14,14 @@ from . import _solve_record as solve_record
 from ._failure import OnFailure, Site, announce, apply_policy
 from ._misc import (
     add_poison,
-    any_nan,
     binary_exponent,
-    credible,
+    credible_maxima,
     golden_phases,
     max_abs,
+    max_abs_many,
     poison_term,
     ravel,
+    result_dtype,
     size,
     structure,
     unravel,
@@ -161,13 +162,16 @@ def solve_with_presolve(
                 solver, A, structure(b), direction
             )
 
-            def accept(x):
-                return regular & credible(norm_bound, x, b)
+            def judge(x):  # accepted, and NaN in b: one reduction over x and b
+                x_max, b_max = max_abs_many(x, b)
+                n, dtype = size(structure(x)), result_dtype(x)
+                accepted = credible_maxima(norm_bound, x_max, b_max, n, dtype)
+                return regular & accepted, jnp.isnan(b_max)
 
-            x, accepted = solve_record.solve(
-                solver, state, product, b, direction, accept, operator_finite
+            x, (accepted, nan_in) = solve_record.solve(
+                solver, state, product, b, direction, judge, operator_finite
             )
-            failed = ~accepted & ~any_nan(b) & operator_finite
+            failed = ~accepted & ~nan_in & operator_finite
             return apply_policy(x, failed, on_failure, message, site)
 
         return run

@@ -156,17 +156,18 @@ def _certificate(solver, state, operator):
     return solver.certify(state, operator), solver.norm_bound(state, operator)
 
 
-def solve(solver, state, product: Callable, b, direction, accept, operator_finite):
-    """Runs `solver.solve`, then `accept(x)` (the caller's checks, a boolean scalar),
-    and returns `x` where accepted, else all NaN, and whether it was accepted; records
+def solve(solver, state, product: Callable, b, direction, judge, operator_finite):
+    """Runs `solver.solve`, then `judge(x)` (the caller's checks: a pair whose first
+    element is a boolean scalar, whether `x` is accepted), and returns `x` where
+    accepted, else all NaN, and the verdict; records
     the solve when a `SolveLog` is active, with the residual of `product` (`v ↦ A v`,
     the system solved). `operator_finite`: False when the point the operator was
     linearised at is not sound (a failed condition check: the derivative will be NaN
     whatever the solve does), recorded as a non-finite input."""
     if not isinstance(state, _TimedState):
         x = solver.solve(state, b)
-        accepted = accept(x)
-        return nan_unless(accepted, x), accepted
+        verdict = judge(x)
+        return nan_unless(verdict[0], x), verdict
     (inner, b), start = tick_after((state.state, b))
     report = Report()
     _reports().append(report)
@@ -174,8 +175,8 @@ def solve(solver, state, product: Callable, b, direction, accept, operator_finit
         x_solver = solver.solve(inner, b)
     finally:
         _reports().pop()
-    accepted = accept(x_solver)
-    x = nan_unless(accepted, x_solver)
+    verdict = judge(x_solver)
+    x = nan_unless(verdict[0], x_solver)
     x, end = tick_after(x)
     batch = _systems(probe(x))
     info = (_solver_name(solver), direction.split()[0], size(b), _dtype_name(b))
@@ -183,7 +184,7 @@ def solve(solver, state, product: Callable, b, direction, accept, operator_finit
     done = _record_when_run(
         info, ticks, batch, report, all_finite(x_solver), product, x, b, operator_finite
     )
-    return after(x, done), accepted
+    return after(x, done), verdict
 
 
 def _record_when_run(

@@ -6,7 +6,7 @@ import lineax as lx
 from jax.extend import core as jex_core
 
 from .._misc import (
-    max_or_nan,
+    maxima,
     nan_unless,
     ravel,
     result_dtype,
@@ -86,7 +86,7 @@ class Diagonal(AbstractLinearSolver):
         magnitude = jnp.abs(diagonal)
         # max|d| and max(1/|d|) in one reduction; NaN and inf (a zero on the
         # diagonal) fail the comparison.
-        norm, inverse_norm = max_or_nan(jnp.stack([magnitude, 1 / magnitude]), axis=1)
+        norm, inverse_norm = maxima(magnitude, 1 / magnitude)
         regular = norm * inverse_norm <= singular_threshold(
             diagonal.size, diagonal.dtype
         )
