@@ -1,5 +1,6 @@
 """`linear_solve`: a differentiable sparse solve with any implicitdiff solver."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
@@ -7,9 +8,11 @@ from jaxtyping import Array, PyTree
 
 from ._failure import ON_FAILURE_CHOICES, CallSite, OnFailure
 from ._misc import ravel, size, structure, unravel
-from ._solve import solve_with_presolve
+from ._representation import as_representation
+from ._solve import solve_linearised, solve_with_presolve
 from ._solvers._auto import Auto
 from ._solvers._base import AbstractLinearSolver
+from ._solvers._least_squares import LeastSquares
 from ._sparse._detect import concrete_value
 from ._sparse._operator import SparseLinearOperator, SparsityPattern
 
@@ -91,15 +94,24 @@ def linear_solve(
             f"linear_solve: `on_failure` must be one of {ON_FAILURE_CHOICES}, "
             f"got {on_failure!r}."
         )
-    x = solve_with_presolve(
-        flat.mv,
-        b_flat.astype(dtype),
-        flat,
-        solver,
-        on_failure,
-        CallSite.of_caller(),
-        system="the matrix of linear_solve",
-    )
+    site, system = CallSite.of_caller(), "the matrix of linear_solve"
+    if isinstance(solver, LeastSquares):  # it solves the normal equations AᴴA x = Aᴴb
+        x = solve_linearised(
+            flat.mv,
+            b_flat.astype(dtype),
+            jax.ShapeDtypeStruct(b_flat.shape, dtype),
+            jnp.ones((), bool),
+            solver,
+            as_representation("operator"),
+            on_failure,
+            site,
+            complex_checked=True,
+            system=system,
+        )
+    else:
+        x = solve_with_presolve(
+            flat.mv, b_flat.astype(dtype), flat, solver, on_failure, site, system=system
+        )
     # For a matrix, x comes back shaped like b (a column (n, 1) stays one, as in
     # `jnp.linalg.solve`); for an operator, like its input.
     is_matrix = not isinstance(A, SparseLinearOperator)

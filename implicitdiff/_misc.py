@@ -132,8 +132,10 @@ def tree_norms(*trees: PyTree[Array]) -> tuple[Float[Array, ""], ...]:
         if not leaves_here[0].size:
             continue
         operands = []
-        for leaf in leaves_here:
-            operands += _split_squares(jnp.abs(leaf).astype(dtype), threshold, scale)
+        for leaf in batched_alike(
+            [jnp.abs(leaf).astype(dtype) for leaf in leaves_here]
+        ):
+            operands += _split_squares(leaf, threshold, scale)
         dimensions = tuple(range(operands[0].ndim))
         reduced = lax.reduce(
             tuple(operands), (zero,) * len(operands), _add_all, dimensions
@@ -142,6 +144,18 @@ def tree_norms(*trees: PyTree[Array]) -> tuple[Float[Array, ""], ...]:
             sums[i][0] = sums[i][0] + reduced[2 * k]
             sums[i][1] = sums[i][1] + reduced[2 * k + 1]
     return tuple(_finish_norm(small, large, scale) for small, large in sums)
+
+
+def batched_alike(arrays: list[Array]) -> list[Array]:
+    """`arrays`, each plus an exact zero that depends on all of them: under `vmap`
+    they are then all batched if one is, as a variadic reduction needs (its batching
+    rule broadcasts an unbatched operand, which fails on an explicitly sharded batch
+    axis). The zero is `0·isnan(first elements)`, never NaN; XLA does not fold it."""
+    if len(arrays) == 1:
+        return arrays
+    firsts = [jnp.ravel(a)[0] for a in arrays]
+    zero = sum(jnp.isnan(f).astype(arrays[0].dtype) for f in firsts) * 0
+    return [a + zero.astype(a.dtype) for a in arrays]
 
 
 def _split_squares(magnitude: Array, threshold: float, scale: float) -> list[Array]:
@@ -352,6 +366,7 @@ def maxima(*xs: Array) -> tuple[Array, ...]:
     xs = [lax.stop_gradient(jnp.asarray(x)) for x in xs]
     if xs[0].size == 0:
         return tuple(jnp.zeros((), x.dtype) for x in xs)
+    xs = batched_alike(xs)
     operands, initial = [], []
     for x in xs:
         operands += [x, jnp.isnan(x)]

@@ -15,10 +15,11 @@ from ._failure import OnFailure, Site, announce, apply_policy
 from ._misc import (
     add_poison,
     binary_exponent,
+    check_dtype,
     credible_maxima,
     golden_phases,
-    max_abs,
     max_abs_many,
+    maxima,
     poison_term,
     ravel,
     result_dtype,
@@ -28,6 +29,7 @@ from ._misc import (
 )
 from ._representation import AbstractRepresentation
 from ._solvers._base import AbstractLinearSolver
+from ._solvers._krylov import flattened_from
 from ._solvers._least_squares import LeastSquares
 
 
@@ -41,8 +43,10 @@ def solve_linearised(
     on_failure: OnFailure,
     site: Site,
     complex_checked: bool = False,
+    system: str = "∂c/∂y",
 ) -> PyTree[Array]:
     """Solves `A ẏ = rhs` for the linearised conditions `A` at `y`, transposably.
+    `system` names `A` in the failure's message.
 
     With [`LeastSquares`] the system becomes the normal equations. A pytree whose
     leaves have different dtypes is solved as one flat vector of the widest dtype:
@@ -62,17 +66,19 @@ def solve_linearised(
         dtype = jnp.result_type(*leaves)
         flat_A = lambda v: ravel(A(unravel(v, y_structure))).astype(dtype)  # noqa: E731
         flat_y = jax.ShapeDtypeStruct((size(y_structure),), dtype)
-        flat = solve_linearised(
-            flat_A,
-            ravel(rhs).astype(dtype),
-            flat_y,
-            operator_finite,
-            solver,
-            representation,
-            on_failure,
-            site,
-            complex_checked=True,
-        )
+        with flattened_from(tuple({leaf.dtype for leaf in leaves})):
+            flat = solve_linearised(
+                flat_A,
+                ravel(rhs).astype(dtype),
+                flat_y,
+                operator_finite,
+                solver,
+                representation,
+                on_failure,
+                site,
+                complex_checked=True,
+                system=system,
+            )
         return unravel(flat, y_structure)
     matvec, tags = A, ()
     if isinstance(solver, LeastSquares):
@@ -108,7 +114,14 @@ def solve_linearised(
     if tags:
         operator = lx.TaggedLinearOperator(operator, tags)
     return solve_with_presolve(
-        matvec, rhs, operator, solver, on_failure, site, operator_finite=operator_finite
+        matvec,
+        rhs,
+        operator,
+        solver,
+        on_failure,
+        site,
+        system=system,
+        operator_finite=operator_finite,
     )
 
 
@@ -146,12 +159,15 @@ def solve_with_presolve(
     float32, with `ẋ` of 10⁹), and the derivative would be NaN unannounced.
     """
 
+    builtin = _is_builtin(solver)
+    own = "" if builtin else ", a solution whose residual is too large"
+
     def presolve_and_solve(transpose):
         direction = "VJP (Aᵀ u = v)" if transpose else "JVP (A x = b)"
         message = (
             f"implicitdiff: {type(solver).__name__} did not solve the {direction} "
             f"linear system with A = {system} (singular or ill-conditioned, no "
-            f"convergence, a sparsity pattern missing entries, or an infinite "
+            f"convergence{own}, a sparsity pattern missing entries, or an infinite "
             f"right-hand side: an overflow, from conditions far from unit scale); "
             f"the derivative is NaN."
         )
@@ -163,9 +179,12 @@ def solve_with_presolve(
             )
 
             def judge(x):  # accepted, and NaN in b: one reduction over x and b
+                _check_solution(solver, x, A.in_structure())
                 x_max, b_max = max_abs_many(x, b)
                 n, dtype = size(structure(x)), result_dtype(x)
                 accepted = credible_maxima(norm_bound, x_max, b_max, n, dtype)
+                if not builtin:
+                    accepted &= _backward_error_small(product, x, b, norm_bound)
                 return regular & accepted, jnp.isnan(b_max)
 
             x, (accepted, nan_in) = solve_record.solve(
@@ -182,6 +201,42 @@ def solve_with_presolve(
         solve=presolve_and_solve(transpose=False),
         transpose_solve=presolve_and_solve(transpose=True),
     )
+
+
+def _is_builtin(solver: AbstractLinearSolver) -> bool:
+    return type(solver).__module__.split(".")[0] == "implicitdiff"
+
+
+def _check_solution(solver, x: PyTree[Array], expected: PyTree) -> None:
+    """Raises a `TypeError` naming the solver when its solution is not shaped like
+    the operator's input (JAX's own error would name neither)."""
+
+    def signature(tree):
+        leaves, treedef = jax.tree.flatten(structure(tree))
+        return treedef, [(leaf.shape, jnp.dtype(leaf.dtype)) for leaf in leaves]
+
+    if signature(x) != signature(expected):
+        raise TypeError(
+            f"implicitdiff: {type(solver).__name__}.solve returned {structure(x)}, "
+            f"but the solution must have the structure, shapes and dtypes of the "
+            f"operator's input, {expected}."
+        )
+
+
+def _backward_error_small(
+    product: Callable, x: PyTree[Array], b: PyTree[Array], norm_bound: Array
+) -> Bool[Array, ""]:
+    """Whether `‖b − A x‖∞ ≤ ε^¼·(‖A‖∞‖x‖∞ + ‖b‖∞)` (with `norm_bound` for `‖A‖∞`):
+    `x` solves a system within `ε^¼` (10⁻⁴ in float64, 0.02 in float32) of
+    `A x = b`. Every solution of a user's solver must pass it (one product with `A`
+    per solve): a solver that stops early, solves with `Aᵀ`, or returns `b` breaks
+    the contract of NaN on failure, and its finite answer would be a wrong
+    derivative. Loose enough for an iterative solver's usual tolerances; the built-in
+    solvers certify their own."""
+    residual = jax.tree.map(lambda u, v: u - v, b, product(x))
+    residual_max, x_max, b_max = max_abs_many(residual, x, b)
+    eps = jnp.finfo(check_dtype(result_dtype(x))).eps
+    return residual_max <= eps**0.25 * (norm_bound * x_max + b_max)
 
 
 def _nan_unless_complex_linear(
@@ -207,10 +262,16 @@ def _nan_unless_complex_linear(
     v = jax.tree.map(probe, y_structure)
     rotated = jax.tree.map(lambda leaf: 1j * leaf if _is_complex(leaf) else leaf, v)
     Av = ravel(A(v)).astype(complex)
-    gap, scale = max_abs(ravel(A(rotated)) - 1j * Av), max_abs(Av)
+    A_rotated = ravel(A(rotated)).astype(complex)
+    # Row by row: a block of conditions 10⁹ larger (10⁴ in complex64) than one that
+    # uses conj would hide it from a test against the largest entry of A v.
     dtype = jnp.result_type(*jax.tree.leaves(y_structure))
-    tolerance = jnp.sqrt(jnp.finfo(dtype).eps) * scale
-    not_linear = (gap > tolerance) & jnp.isfinite(scale) & operator_finite
+    eps = jnp.finfo(dtype).eps
+    scale = jnp.abs(Av) + jnp.abs(A_rotated)
+    excess, largest = maxima(
+        jnp.abs(A_rotated - 1j * Av) - jnp.sqrt(eps) * scale, scale
+    )
+    not_linear = (excess > eps * largest) & jnp.isfinite(largest) & operator_finite
     message = (
         "implicitdiff: the conditions are not complex-differentiable in y (they use "
         "conj, abs, real or imag of the complex unknowns): ∂c/∂y is not a complex "

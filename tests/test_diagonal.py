@@ -1,7 +1,9 @@
 """`Auto` on a diagonal `∂c/∂y` (elementwise conditions): found by structure, solved
-by division with the exact condition number; the promise holds (NaN and a warning on
-a singular or numerically singular diagonal), and a non-diagonal Jacobian never takes
-this path."""
+by division; the promise holds (NaN and a warning on a zero or non-finite entry, the
+exact derivative however widely the entries differ), and a non-diagonal Jacobian never
+takes this path."""
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -55,9 +57,9 @@ def test_pytree_complex_and_vmap():
 
 @pytest.mark.full_optimisation
 @pytest.mark.parametrize("n", [10, 100_000])
-@pytest.mark.parametrize("smallest", [0.0, 1e-17])
-def test_singular_diagonal_is_nan_and_warns_in_both_directions(n, smallest):
-    d = jnp.ones(n).at[n // 2].set(smallest)
+@pytest.mark.parametrize("bad", [0.0, np.inf])
+def test_singular_diagonal_is_nan_and_warns_in_both_directions(n, bad):
+    d = jnp.ones(n).at[n // 2].set(bad)
     f = idf.ImplicitFunction(
         lambda x: x, lambda x, y: d * y - d * x, check_conditions=None
     )
@@ -67,6 +69,32 @@ def test_singular_diagonal_is_nan_and_warns_in_both_directions(n, smallest):
     with pytest.warns(RuntimeWarning, match="did not solve"):
         _, tangent = jax.jvp(f, (x,), (x,))
     assert np.isnan(grad).all() and np.isnan(tangent).all()
+
+
+@pytest.mark.full_optimisation
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("n", [100, 100_000])
+def test_diagonal_entries_of_any_spread_are_solved_exactly(n, dtype):
+    """Each ẏᵢ = bᵢ/dᵢ is as accurate as dᵢ: a spread of the entries far past a general
+    matrix's threshold (κ = 10¹² for √ on 10⁻⁶…10⁶; 10¹⁷ for an entry of 10⁻¹⁷ among
+    ones) refuses nothing, in both directions."""
+    x = jnp.logspace(-6, 6, n, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grad = jax.grad(lambda x: sqrt_fn()(x).sum())(x)
+        _, tangent = jax.jvp(sqrt_fn(), (x,), (jnp.ones_like(x),))
+    exact = 0.5 / np.sqrt(np.asarray(x, np.float64))
+    rtol = 1e-6 if dtype == jnp.float32 else 1e-14
+    np.testing.assert_allclose(grad, exact, rtol=rtol)
+    np.testing.assert_allclose(tangent, exact, rtol=rtol)
+    d = jnp.ones(n, dtype).at[n // 2].set(1e-17 if dtype == jnp.float64 else 1e-30)
+    f = idf.ImplicitFunction(lambda x: x, lambda x, y: d * y - d * x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grad = jax.grad(lambda x: f(x).sum())(jnp.ones(n, dtype))
+        _, tangent = jax.jvp(f, (jnp.ones(n, dtype),), (jnp.ones(n, dtype),))
+    np.testing.assert_allclose(grad, np.ones(n), rtol=rtol)
+    np.testing.assert_allclose(tangent, np.ones(n), rtol=rtol)
 
 
 def test_structure_decides_never_values():

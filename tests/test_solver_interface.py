@@ -126,3 +126,83 @@ def test_partial_nan_from_a_solver_becomes_all_nan():
         jnp.sqrt, lambda x, y: y**2 - x, linear_solver=PartialNaN(), on_failure="nan"
     )
     assert bool(jnp.all(jnp.isnan(jax.jacrev(f)(jnp.ones(3)))))
+
+
+class FewSweeps(idf.AbstractLinearSolver):
+    """A careless solver: three Jacobi sweeps, no convergence test."""
+
+    def presolve(self, A, y):
+        return A.as_matrix()
+
+    def solve(self, state, b):
+        x = jnp.zeros_like(b)
+        for _ in range(3):
+            x = x + (b - state @ x) / jnp.diag(state)
+        return x
+
+
+class WithTranspose(idf.AbstractLinearSolver):
+    """A wrong solver: it solves with Aᵀ."""
+
+    def presolve(self, A, y):
+        return A.as_matrix()
+
+    def solve(self, state, b):
+        return jnp.linalg.solve(state.T, b)
+
+
+class Exact(idf.AbstractLinearSolver):
+    def presolve(self, A, y):
+        return A.as_matrix()
+
+    def solve(self, state, b):
+        return jnp.linalg.solve(state, b)
+
+
+class ReturnsB(idf.AbstractLinearSolver):
+    def presolve(self, A, y):
+        return None
+
+    def solve(self, state, b):
+        return b
+
+
+class WrongShape(idf.AbstractLinearSolver):
+    def presolve(self, A, y):
+        return None
+
+    def solve(self, state, b):
+        return b[:-1]
+
+
+@pytest.mark.parametrize("solver", [FewSweeps(), WithTranspose(), ReturnsB()])
+@pytest.mark.parametrize("jacobian", [jax.jacfwd, jax.jacrev])
+def test_finite_wrong_answers_of_a_user_solver_are_refused(solver, jacobian):
+    """A user's solver that breaks the contract (a finite answer when it did not
+    solve) gave a finite wrong derivative: each solution's backward error is checked
+    now, and the derivative is NaN with the warning naming the solver."""
+    M = jnp.array([[4.0, 1.0, 0.5], [0.5, 3.0, 1.0], [1.0, 0.5, 2.0]])
+    f = idf.ImplicitFunction(
+        lambda x: jnp.linalg.solve(M, x), lambda x, y: M @ y - x, linear_solver=solver
+    )
+    with pytest.warns(RuntimeWarning, match=f"{type(solver).__name__} did not solve"):
+        J = jacobian(f)(jnp.ones(3))
+    assert np.isnan(J).all()
+    # A right solution of the same system passes (float32 too: ε^¼ of its dtype).
+    for dtype in (jnp.float64, jnp.float32):
+        g = idf.ImplicitFunction(
+            lambda x: jnp.linalg.solve(M.astype(dtype), x),
+            lambda x, y: M.astype(dtype) @ y - x,
+            linear_solver=Exact(),
+        )
+        np.testing.assert_allclose(
+            jacobian(g)(jnp.ones(3, dtype)), np.linalg.inv(M), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_a_solution_of_the_wrong_shape_names_the_solver():
+    f = idf.ImplicitFunction(
+        jnp.sqrt, lambda x, y: y**2 - x + 0 * y[::-1], linear_solver=WrongShape()
+    )
+    with pytest.raises(TypeError, match="WrongShape.solve returned"):
+        jax.jacfwd(f)(jnp.ones(3))

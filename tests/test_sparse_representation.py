@@ -327,9 +327,24 @@ def dense_loss(values, b):
 
 
 @pytest.mark.parametrize(
-    "solver", [idf.Direct(), idf.GMRES(1e-12, 1e-12)], ids=["Direct", "GMRES"]
+    "solver",
+    [
+        idf.Direct(),
+        idf.GMRES(1e-12, 1e-12),
+        idf.LeastSquares("cholesky"),
+        idf.LeastSquares("cg", rtol=1e-13),
+    ],
+    ids=["Direct", "GMRES", "LeastSquares-cholesky", "LeastSquares-cg"],
 )
 def test_linear_solve_gradients(solver):
+    """Against a dense solve, for a non-symmetric matrix (LeastSquares solved A itself
+    as if it were its normal matrix AᴴA, by Cholesky of its lower triangle: a finite
+    wrong x)."""
+    np.testing.assert_allclose(
+        idf.linear_solve(as_bcoo(VALUES), B, solver),
+        dense_solve(VALUES, B),
+        rtol=1e-9,
+    )
     grads = jax.jit(jax.grad(sparse_loss, argnums=(0, 1)), static_argnums=2)
     values_bar, b_bar = grads(VALUES, B, solver)
     expected_values_bar, expected_b_bar = jax.grad(dense_loss, argnums=(0, 1))(

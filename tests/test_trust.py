@@ -777,6 +777,55 @@ def test_mixed_dtype(name, request):
     assert np.allclose(g, np.linalg.inv(full).sum(0), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["GMRES", "BiCGStab"])
+def test_mixed_precision_krylov_defaults_follow_the_float32_leaf(name):
+    """float32 and float64 leaves are solved as one float64 vector: the default
+    tolerance was float64's, which the coupled float32 part cannot reach, and GMRES
+    and BiCGStab failed in reverse mode only. It is the float32 leaf's now."""
+    solver = {"GMRES": idf.GMRES(), "BiCGStab": idf.BiCGStab()}[name]
+
+    def forward(x):
+        a = jnp.sqrt(x.astype(jnp.float32))
+        return a, jnp.sqrt(2 * x - 0.1 * a.astype(jnp.float64))
+
+    def conditions(x, y):
+        a, b = y
+        return a**2 - x.astype(jnp.float32), b**2 - 2 * x + 0.1 * a.astype(x.dtype)
+
+    f = idf.ImplicitFunction(forward, conditions, linear_solver=solver)
+    x = jnp.array([4.0, 9.0])
+    x64 = np.asarray(x)
+    exact = np.diag(
+        (2 - 0.05 / np.sqrt(x64)) / (2 * np.sqrt(2 * x64 - 0.1 * np.sqrt(x64)))
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for jacobian in (jax.jacfwd, jax.jacrev):
+            np.testing.assert_allclose(
+                jacobian(lambda x: f(x)[1])(x), exact, rtol=1e-5, atol=1e-7
+            )
+
+
+def test_conj_hidden_by_a_block_of_larger_scale_is_refused():
+    """The test of complex differentiability compared the gap with the largest entry
+    of A·v: conditions (10⁹·z₁ − x₁, z₂ + ½·conj(z₂) − x₂) passed it (jvp 0.67i for
+    the true 2i). Row by row now."""
+    for dtype, big in ((jnp.complex128, 1e9), (jnp.complex64, 1e4)):
+
+        def conditions(x, z):
+            return jnp.stack([big * z[0] - x[0], z[1] + 0.5 * jnp.conj(z[1]) - x[1]])
+
+        def forward(x):
+            second = jnp.real(x[1]) / 1.5 + 1j * jnp.imag(x[1]) / 0.5
+            return jnp.stack([x[0] / big, second]).astype(dtype)
+
+        f = idf.ImplicitFunction(forward, conditions)
+        x = jnp.array([1.0 + 1.0j, 1.0 + 2.0j], dtype)
+        with pytest.warns(RuntimeWarning, match="not complex-differentiable"):
+            tangent = jax.jvp(f, (x,), (jnp.array([0, 1j], dtype),))[1]
+        assert np.isnan(tangent).all()
+
+
 COMPLEX_OK = ["Direct", "Auto", "LeastSquares-cholesky", "Lineax-LU", "SciPy-splu"]
 
 

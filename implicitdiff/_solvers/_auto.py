@@ -19,7 +19,8 @@ class Auto(AbstractLinearSolver):
     structure of `∂c/∂y` (the sparsity detector of [`implicitdiff.Sparse`][] run on
     its jaxpr: diagonal by construction, whatever the values). The chosen solver's
     own certificate ([`certify`][implicitdiff.AbstractLinearSolver.certify]) applies;
-    for a diagonal, `κ = max|dᵢ|/min|dᵢ|` exactly.
+    for a diagonal, every entry non-zero and finite (each `ẏᵢ = bᵢ/dᵢ` is then as
+    accurate as `dᵢ`, however widely the entries differ).
     """
 
     def _choose(self, A, y) -> AbstractLinearSolver:

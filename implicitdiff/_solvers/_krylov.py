@@ -10,8 +10,10 @@ truth (rounding, a breakdown) costs a restart, never a wrong answer.
 """
 
 import abc
+import contextlib
+import contextvars
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import equinox as eqx
 import jax
@@ -57,9 +59,29 @@ FlatFn = Callable[[Float[Array, " n"]], Float[Array, " n"]]
 
 def default_rtol(A: lx.AbstractLinearOperator) -> float:
     """The relative tolerance used when `rtol=None`: that of the least precise leaf of
-    A's structures, which bounds the attainable residual of a mixed-precision pytree."""
+    A's structures, which bounds the attainable residual of a mixed-precision pytree,
+    or of the unknowns a flattened system came from (`flattened_from`)."""
     leaves = jax.tree.leaves((A.in_structure(), A.out_structure()))
-    return max(_DEFAULT_RTOL[jnp.finfo(leaf.dtype).bits] for leaf in leaves)
+    dtypes = [leaf.dtype for leaf in leaves] + list(_FLATTENED_FROM.get())
+    return max(_DEFAULT_RTOL[jnp.finfo(dtype).bits] for dtype in dtypes)
+
+
+_FLATTENED_FROM: contextvars.ContextVar[tuple] = contextvars.ContextVar(
+    "implicitdiff_flattened_from", default=()
+)
+
+
+@contextlib.contextmanager
+def flattened_from(dtypes: tuple) -> Iterator[None]:
+    """While tracing a system flattened to one dtype from leaves of `dtypes` (float32
+    and float64 leaves solved as one float64 vector), the default tolerances are
+    those of the least precise of them: the float32 part of the operator cannot
+    reach a float64 residual, and GMRES failed in reverse mode only."""
+    token = _FLATTENED_FROM.set(tuple(dtypes))
+    try:
+        yield
+    finally:
+        _FLATTENED_FROM.reset(token)
 
 
 def default_max_steps(n: int) -> int:

@@ -96,8 +96,9 @@ class Lineax(AbstractLinearSolver):
             name = type(self.solver).__name__
             raise ValueError(
                 f"implicitdiff: Lineax(lx.{name}()) needs an operator tagged positive "
-                "or negative definite, and ∂c/∂y reaches it without tags (nothing "
-                "tells it is definite). Use implicitdiff.CG() (conjugate gradients "
+                "or negative definite, and the operator (∂c/∂y, or linear_solve's "
+                "matrix) reaches it without tags (nothing tells it is definite). Use "
+                "implicitdiff.CG() (conjugate gradients "
                 "without tags), or Lineax(lx.LU()) / implicitdiff.Direct() for a "
                 f"factorisation. (lineax: {error})"
             ) from None
