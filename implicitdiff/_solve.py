@@ -178,7 +178,7 @@ def solve_with_presolve(
                 solver, A, structure(b), direction
             )
 
-            def judge(x):  # accepted, and NaN in b: one reduction over x and b
+            def judge(x):  # accepted, and NaN in b (from b's maximum)
                 _check_solution(solver, x, A.in_structure())
                 x_max, b_max = max_abs_many(x, b)
                 n, dtype = size(structure(x)), result_dtype(x)

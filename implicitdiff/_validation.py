@@ -79,6 +79,9 @@ def split_output(output, has_byproduct: bool) -> tuple[PyTree, PyTree]:
             if not has_byproduct and is_pair(output)
             else ""
         )
+        if any(isinstance(leaf, (float, complex)) for leaf in leaves):
+            hint += " Return arrays, not Python numbers: jnp.asarray(y)."
+
         raise TypeError(
             "ImplicitFunction: `forward` must return y as a non-empty pytree of "
             f"floating-point arrays; got {_structure_or_repr(y)}." + hint

@@ -66,6 +66,12 @@ def test_integer_solution_is_rejected():
         f(jnp.ones(3))
 
 
+def test_python_number_solution_is_rejected_with_a_hint():
+    f = idf.ImplicitFunction(lambda x: 2.0, lambda x, y: y - x)
+    with pytest.raises(TypeError, match=r"not Python numbers: jnp.asarray\(y\)"):
+        f(jnp.array(2.0))
+
+
 def test_gradient_wrt_integer_only_x():
     f = idf.ImplicitFunction(
         lambda n: jnp.sqrt(n.astype(jnp.float64)),
