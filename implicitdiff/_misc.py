@@ -433,9 +433,9 @@ def credible(
     residual, from a singular matrix that had no small pivot. `norm_bound = inf`
     accepts only `x = 0`. And `x = 0` solves only `b = 0`: a solver whose norms
     underflow (a Krylov method on a right-hand side of 10⁻²⁰ in float32, with
-    `‖b‖² = 0`) may stop at once at `x = 0`. One reduction over `x` and `b` together
-    (two when their leaves differ in shape): NaN and inf propagate through the
-    maxima and fail the comparison.
+    `‖b‖² = 0`) may stop at once at `x = 0`. `x` and `b` are reduced together when
+    small (see `max_abs_many`): NaN and inf propagate through the maxima and fail the
+    comparison.
     """
     x_max, b_max = max_abs_many(x, b)
     return credible_maxima(norm_bound, x_max, b_max, size(x), result_dtype(x))

@@ -6,7 +6,6 @@ import lineax as lx
 from jax.extend import core as jex_core
 
 from .._misc import (
-    maxima,
     nan_unless,
     ravel,
     result_dtype,
@@ -87,11 +86,8 @@ class Diagonal(AbstractLinearSolver):
     def presolve(self, A, y):
         ones = unravel(jnp.ones(size(y), result_dtype(y)), y)
         diagonal = ravel(A.mv(ones))
-        magnitude = jnp.abs(diagonal)
-        # max|d| and max(1/|d|) in one reduction: NaN or inf for a zero, an inf or a
-        # NaN on the diagonal.
-        norm, inverse_norm = maxima(magnitude, 1 / magnitude)
-        regular = jnp.isfinite(norm) & jnp.isfinite(inverse_norm)
+        # A boolean reduction: NaN-safe at every size, unlike a max.
+        regular = jnp.all(jnp.isfinite(diagonal) & (diagonal != 0))
         return diagonal, regular, A.in_structure()
 
     def solve(self, state, b):
