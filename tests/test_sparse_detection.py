@@ -72,6 +72,15 @@ def assorted(y):
     return jnp.concatenate([a, b, c, d, e])
 
 
+def tiled(y):
+    """`jnp.tile` (its own primitive): each unknown feeds several outputs."""
+    return (
+        5 * y
+        + 0.2 * jnp.tile(y, 2)[3:15]
+        + jnp.tile(y.reshape(3, 4), (2, 1))[1:4].ravel() * y
+    )
+
+
 def pytree(tree):
     u, v = tree["u"], tree["v"]
     return {"u": u * v[:, None] + jnp.roll(u, 1, 0), "v": v**2 + u[:, 0]}
@@ -84,6 +93,7 @@ SYSTEMS = {
     "block_diagonal": (block_diagonal, (12,)),
     "graph_laplacian": (graph_laplacian, (20,)),
     "assorted": (assorted, (20,)),
+    "tiled": (tiled, (12,)),
 }
 
 

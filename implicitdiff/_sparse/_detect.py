@@ -729,6 +729,7 @@ _RULES: dict[str, Callable] = {
     "broadcast_in_dim": _moves(0, numpy=_np_broadcast_in_dim),
     "transpose": _moves(0, numpy=lambda eqn, x: x.transpose(eqn.params["permutation"])),
     "rev": _moves(0, numpy=lambda eqn, x: np.flip(x, eqn.params["dimensions"])),
+    "tile": _moves(0, numpy=lambda eqn, x: np.tile(x, eqn.params["reps"])),
     "slice": _moves(0, numpy=_np_slice),
     "concatenate": _moves(
         numpy=lambda eqn, *xs: np.concatenate(xs, eqn.params["dimension"])

@@ -43,26 +43,25 @@ class Sparse(AbstractRepresentation):
     7-point one 12 or 13. Solvers receive the operator and reach the matrix as `A.bcoo`,
     `A.bcsr` or, on the host, `A.pattern.to_scipy(values)`.
 
-    **Sparsity detection.** With `sparsity="auto"`, the pattern is read off the jaxpr
-    of the linearised conditions, once per trace (once per compilation under `jit`):
-    each intermediate element carries the set of unknowns it depends on. It is exact
-    for elementwise arithmetic (with broadcasting; a product with a constant keeps the
-    set, even a constant zero), `convert_element_type`, `copy`, `reshape`, `squeeze`,
-    `broadcast_in_dim`, `transpose`, `rev`, `slice`, `split`, `pad`, `concatenate`,
-    `select_n`, `dynamic_slice`, `dynamic_update_slice`, `gather` and `scatter-add`
-    (`x[idx]`, `jnp.take`, `x.at[idx].add(...)`; `.at[].set` keeps the overwritten
-    elements) with constant indices, `dot_general` and `conv_general_dilated`
-    (`jnp.convolve`; strides, padding, dilations, feature groups) with a constant
-    operand (its structural nonzeros, or all of its entries when it is not a
-    constant), `reduce_sum`/`max`/`min`,
-    `cumsum` and friends, and inside `jit`, `closed_call`, `custom_jvp_call`,
-    `custom_vjp_call` and `checkpoint`. Index arrays computed from NumPy constants
-    count as constants, also under `jit`. Anything else (`scan`, `while`, `cond`,
-    `sort`, ...) is conservative, every output element of it depending on every one
-    of its inputs, with a warning: correct, with more colours. A pattern with a row
-    holding half the columns or more is not coloured (every colouring would have
-    that many colours): it is assembled as `representation="matrix"` does, one JVP
-    per column.
+    **Sparsity detection.** With `sparsity="auto"`, the pattern is read off the jaxpr of
+    the linearised conditions, once per trace (once per compilation under `jit`): each
+    intermediate element carries the set of unknowns it depends on. It is exact for
+    elementwise arithmetic (with broadcasting; a product with a constant keeps the set,
+    even a constant zero), `convert_element_type`, `copy`, `reshape`, `squeeze`,
+    `broadcast_in_dim`, `transpose`, `rev`, `tile`, `slice`, `split`, `pad`,
+    `concatenate`, `select_n`, `dynamic_slice`, `dynamic_update_slice`, `gather` and
+    `scatter-add` (`x[idx]`, `jnp.take`, `x.at[idx].add(...)`; `.at[].set` keeps the
+    overwritten elements) with constant indices, `dot_general` and
+    `conv_general_dilated` (`jnp.convolve`; strides, padding, dilations, feature groups)
+    with a constant operand (its structural nonzeros, or all of its entries when it is
+    not a constant), `reduce_sum`/`max`/`min`, `cumsum` and friends, and inside `jit`,
+    `closed_call`, `custom_jvp_call`, `custom_vjp_call` and `checkpoint`. Index arrays
+    computed from NumPy constants count as constants, also under `jit`. Anything else
+    (`scan`, `while`, `cond`, `sort`, ...) is conservative, every output element of it
+    depending on every one of its inputs, with a warning: correct, with more colours. A
+    pattern with a row holding half the columns or more is not coloured (every colouring
+    would have that many colours): it is assembled as `representation="matrix"` does,
+    one JVP per column.
 
     **Verification.** Each assembled matrix is checked at run time against one more
     JVP, in a fixed pseudo-random direction `r`: unless every row `i` agrees,
