@@ -18,6 +18,7 @@ from ._misc import (
     check_dtype,
     credible_maxima,
     golden_phases,
+    max_abs,
     max_abs_many,
     maxima,
     poison_term,
@@ -181,10 +182,11 @@ def solve_with_presolve(
             def judge(x):  # accepted, and NaN in b (from b's maximum)
                 _check_solution(solver, x, A.in_structure())
                 x_max, b_max = max_abs_many(x, b)
-                n, dtype = size(structure(x)), result_dtype(x)
+                n, dtype = size(x), result_dtype(x)
                 accepted = credible_maxima(norm_bound, x_max, b_max, n, dtype)
                 if not builtin:
-                    accepted &= _backward_error_small(product, x, b, norm_bound)
+                    bound = norm_bound * x_max + b_max
+                    accepted &= _backward_error_small(product, x, b, bound)
                 return regular & accepted, jnp.isnan(b_max)
 
             x, (accepted, nan_in) = solve_record.solve(
@@ -224,19 +226,18 @@ def _check_solution(solver, x: PyTree[Array], expected: PyTree) -> None:
 
 
 def _backward_error_small(
-    product: Callable, x: PyTree[Array], b: PyTree[Array], norm_bound: Array
+    product: Callable, x: PyTree[Array], b: PyTree[Array], scale: Array
 ) -> Bool[Array, ""]:
-    """Whether `‖b − A x‖∞ ≤ ε^¼·(‖A‖∞‖x‖∞ + ‖b‖∞)` (with `norm_bound` for `‖A‖∞`):
+    """Whether `‖b − A x‖∞ ≤ ε^¼·scale`, `scale = ‖A‖∞‖x‖∞ + ‖b‖∞` (from below):
     `x` solves a system within `ε^¼` (10⁻⁴ in float64, 0.02 in float32) of
     `A x = b`. Every solution of a user's solver must pass it (one product with `A`
     per solve): a solver that stops early, solves with `Aᵀ`, or returns `b` breaks
     the contract of NaN on failure, and its finite answer would be a wrong
     derivative. Loose enough for an iterative solver's usual tolerances; the built-in
     solvers certify their own."""
-    residual = jax.tree.map(lambda u, v: u - v, b, product(x))
-    residual_max, x_max, b_max = max_abs_many(residual, x, b)
+    residual = max_abs(jax.tree.map(lambda u, v: u - v, b, product(x)))
     eps = jnp.finfo(check_dtype(result_dtype(x))).eps
-    return residual_max <= eps**0.25 * (norm_bound * x_max + b_max)
+    return residual <= eps**0.25 * scale
 
 
 def _nan_unless_complex_linear(

@@ -1,5 +1,7 @@
 """The presolve/solve interface: one presolve per linearisation point, user solvers."""
 
+import warnings
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -206,3 +208,33 @@ def test_a_solution_of_the_wrong_shape_names_the_solver():
     )
     with pytest.raises(TypeError, match="WrongShape.solve returned"):
         jax.jacfwd(f)(jnp.ones(3))
+
+
+@pytest.mark.full_optimisation
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("n", [10, 100_000])
+def test_a_user_solver_returning_b_is_refused_at_every_size(n, dtype):
+    """The backward-error check of a user's solver, at a size where XLA:CPU's max
+    drops NaN, in both directions and both dtypes; an exact user solver passes."""
+
+    class Halves(idf.AbstractLinearSolver):
+        def presolve(self, A, y):
+            return None
+
+        def solve(self, state, b):
+            return b / 2
+
+    x = jnp.linspace(1.0, 2.0, n, dtype=dtype)
+    for solver, refused in ((ReturnsB(), True), (Halves(), False)):
+        f = idf.ImplicitFunction(lambda x: x / 2, lambda x, y: 2 * y - x, solver)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            grad = jax.grad(lambda x: f(x).sum())(x)
+            tangent = jax.jvp(f, (x,), (jnp.ones_like(x),))[1]
+        told = [w for w in caught if "did not solve" in str(w.message)]
+        for value in (grad, tangent):
+            if refused:
+                assert np.isnan(value).all()
+            else:
+                np.testing.assert_allclose(value, 0.5, rtol=1e-6)
+        assert len(told) == (2 if refused else 0)
