@@ -11,7 +11,7 @@ from jaxtyping import Array, PyTree
 
 from ._conditions import projected_gradient, stationary
 from ._implicit_function import ImplicitFunction
-from ._misc import tree_norm
+from ._misc import is_inexact_array, tree_norm
 
 
 def _optax():
@@ -57,15 +57,25 @@ class Argmin(eqx.Module):
         The minimiser `y`, or NaN (and the `on_failure` policy) when the optimiser
         stopped after `max_steps` short of the tolerance.
         """
+        init = jax.tree.map(jnp.asarray, init)
+        if not all(is_inexact_array(leaf) for leaf in jax.tree.leaves(init)):
+            raise TypeError(
+                "argmin: `init` must be floating-point arrays (it fixes the "
+                "structure, shapes and dtypes of y): jnp.zeros(n), not integers; got "
+                f"{jax.tree.map(lambda leaf: leaf.dtype, init)}."
+            )
         forward = _OptaxLoop(self, init)
         implicit = eqx.tree_at(lambda i: i.forward, self.implicit, forward)
-        return implicit(x, *args, **kwargs)
+        y, _ = implicit(x, *args, **kwargs)
+        return y
 
 
 class _OptaxLoop(eqx.Module):
     """The forward: optax steps in a `lax.while_loop` until the conditions' residual
     (the gradient, or the projected-gradient step) is at most `tol` in 2-norm, or
-    `max_steps` steps. `init` is held here, not passed: it gets no derivative."""
+    `max_steps` steps. `init` is held here, not passed: it gets no derivative.
+    Returns `(y, converged)`: whether the last residual is within the check's
+    tolerance, by the loop's own test (see `_UnlessStoppedShort`)."""
 
     argmin: Argmin
     init: PyTree[Array]
@@ -73,13 +83,24 @@ class _OptaxLoop(eqx.Module):
     def __call__(self, x, *args, **kwargs):
         return _minimise(self.argmin, self.init, x, *args, **kwargs)
 
+    def implicitdiff_failure_message(self) -> str:
+        """The message of a failed check."""
+        return (
+            f"implicitdiff.argmin: the optimiser stopped after at most "
+            f"max_steps={self.argmin.max_steps} steps with the residual's 2-norm "
+            f"above check_conditions={self.argmin.implicit.check_conditions:g}, or "
+            "at a non-finite y; every output and every derivative is NaN. Raise "
+            "max_steps, take a faster optimiser or step size, or loosen the check "
+            "(check_conditions=tol, or None to turn it off)."
+        )
+
 
 def _minimise(argmin: Argmin, init, x, *args, **kwargs):
     optax = _optax()
     optimizer = optax.with_extra_args_support(argmin.optimizer)
     objective = lambda y: argmin.f(x, y, *args, **kwargs)
-    conditions = argmin.implicit.conditions
-    project = lambda y: argmin.projection(y, x, *args, **kwargs)
+    conditions = argmin.implicit.conditions.conditions
+    project = lambda y: _project(argmin.projection, y, x, *args, **kwargs)
 
     def value_and_grad(y, state):
         # L-BFGS's line search leaves the value and gradient at its new point in the
@@ -96,10 +117,12 @@ def _minimise(argmin: Argmin, init, x, *args, **kwargs):
             return grad
         return conditions.residual(x, y, grad, *args, **kwargs)
 
+    def within(tolerance, y, grad):
+        return tree_norm(residual(y, grad)) <= tolerance  # False for NaN
+
     def unfinished(carry):
         y, _, _, grad, steps = carry
-        converged = tree_norm(residual(y, grad)) <= argmin.tol  # False for NaN
-        return ~converged & (steps < argmin.max_steps)
+        return ~within(argmin.tol, y, grad) & (steps < argmin.max_steps)
 
     def step(carry):
         y, state, value, grad, steps = carry
@@ -117,8 +140,36 @@ def _minimise(argmin: Argmin, init, x, *args, **kwargs):
         init = project(init)
     state = optimizer.init(init)
     value, grad = value_and_grad(init, state)
-    y, *_ = lax.while_loop(unfinished, step, (init, state, value, grad, 0))
-    return y
+    y, _, _, grad, _ = lax.while_loop(unfinished, step, (init, state, value, grad, 0))
+    tolerance = argmin.implicit.check_conditions
+    return y, jnp.asarray(True if tolerance is None else within(tolerance, y, grad))
+
+
+def _project(projection: Callable, y, x, *args, **kwargs):
+    try:
+        return projection(y, x, *args, **kwargs)
+    except TypeError as error:
+        error.add_note(
+            "implicitdiff.argmin calls projection(v, x, *args, **kwargs): wrap a "
+            "projection of implicitdiff.projections in a function that picks its "
+            "parameters, e.g. projection=lambda v, x: projections.box(v, 0.0, x)."
+        )
+        raise
+
+
+class _UnlessStoppedShort(eqx.Module):
+    """The conditions, all NaN when the optimiser did not converge. The check of
+    `ImplicitFunction` is relative (`‖c‖ ≤ tol·(1 + ‖y‖)`), looser than the loop's
+    `‖c‖ ≤ tol` for a large `y`: a run cut by `max_steps` could pass it. The loop's
+    own verdict, a constant to the derivatives, makes it fail exactly when the loop
+    did not reach the tolerance."""
+
+    conditions: Callable
+
+    def __call__(self, x, y, converged, *args, **kwargs):
+        c = self.conditions(x, y, *args, **kwargs)
+        gap = jnp.where(converged, 0.0, jnp.nan)
+        return jax.tree.map(lambda leaf: leaf + gap.astype(leaf.dtype), c)
 
 
 def argmin(
@@ -140,9 +191,10 @@ def argmin(
     [`implicitdiff.conditions.projected_gradient`][]`(f, projection)` with a
     projection, whose steps are then projected: `y ← P(y + update)`.
 
-    A run stopped by `max_steps` short of `tol` is not returned as converged:
-    `check_conditions` defaults to `tol`, so that `y` and its derivatives are NaN and
-    `on_failure` applies (a warning by default).
+    A run stopped by `max_steps` short of `tol` is not returned as converged: `y`
+    and its derivatives are NaN and `on_failure` applies (a warning by default).
+    `check_conditions` (default `tol`) is here the loop's own test, absolute: the
+    residual's 2-norm at most `check_conditions`, whatever the size of `y`.
 
     !!! Example
 
@@ -173,16 +225,33 @@ def argmin(
         know about it.
     - `**implicit_options`: any option of [`implicitdiff.ImplicitFunction`][]:
         `linear_solver`, `representation`, `on_failure`, `check_conditions`
-        (default: `tol`).
+        (default: `tol`; a larger value accepts a run stopped short of `tol`,
+        `None` turns the check off).
 
     **Returns:**
 
     An [`implicitdiff.Argmin`][], called as `solve(x, *args, init=y0, **kwargs)`.
     """
+    if not (
+        callable(getattr(optimizer, "init", None))
+        and callable(getattr(optimizer, "update", None))
+    ):
+        hint = " (call the factory: optax.sgd(0.1))" if callable(optimizer) else ""
+        raise TypeError(
+            "argmin: `optimizer` must be an optax GradientTransformation such as "
+            f"optax.lbfgs() or optax.sgd(0.1){hint}; got {optimizer!r}."
+        )
     if projection is None:
         conditions = stationary(f)
     else:
         conditions = projected_gradient(f, projection)
     implicit_options.setdefault("check_conditions", tol)
-    implicit = ImplicitFunction(_no_forward, conditions, **implicit_options)
+    if "has_byproduct" in implicit_options:
+        raise TypeError("argmin: has_byproduct is not an option (y has none)")
+    implicit = ImplicitFunction(
+        _no_forward,
+        _UnlessStoppedShort(conditions),
+        has_byproduct=True,
+        **implicit_options,
+    )
     return Argmin(f, optimizer, projection, implicit, tol, max_steps)

@@ -46,6 +46,7 @@ from ._solvers._base import AbstractLinearSolver
 from ._solvers._least_squares import LeastSquares
 from ._user_code import (
     OPAQUE,
+    byproduct_moves,
     cached,
     call_forward,
     hoist_closed_over_tracers,
@@ -87,7 +88,11 @@ class ImplicitFunction(eqx.Module):
     **What is differentiated.** Every floating-point array leaf of `x` and of `args`,
     and of `conditions` when it is a pytree (an `equinox.Module` holding parameters,
     say). Integer and boolean arrays get no derivative; non-array leaves are static.
-    The byproduct `z` is a constant: its derivative is zero. Arrays held by `forward`
+    The byproduct `z` is a constant: its derivative is zero; when the conditions
+    read a floating `z` that the forward computes from what is differentiated, every
+    derivative is NaN with a warning (the rule would miss `∂c/∂z·dz/dx`; put such a
+    quantity in `y`, or `stop_gradient` it in the forward when `∂c/∂z = 0` at the
+    solution). Arrays held by `forward`
     get zero derivative too, which is right: `y` depends on them only through the
     conditions.
 
@@ -232,15 +237,33 @@ class ImplicitFunction(eqx.Module):
             t_moving = eqx.filter(tangents[0], _moving(tangents[0]))
             _, (_, solver, representation, site) = unpack(diff, nondiff, held)
 
-            def c(moving, y):
+            def c(moving, y, z=z):
                 inputs, _ = unpack(eqx.combine(moving, still), nondiff, held)
                 conditions, x, args, kwargs = inputs
                 return self._conditions(conditions, x, y, z, args, kwargs)
+
+            def z_of(moving):
+                inputs, (forward, *_) = unpack(
+                    eqx.combine(moving, still), nondiff, held
+                )
+                _, x, args, kwargs = inputs
+                output = call_forward(forward, x, args, kwargs)
+                return split_output(output, self.has_byproduct)[1]
 
             if not jax.tree.leaves(moving):
                 return outputs, jax.tree.map(_zero_tangent, outputs)
             warn_if_inputs_ignored(
                 lambda m: c(m, y), moving, self.conditions, tracing_site()
+            )
+            # A byproduct the conditions read but the forward computes from what
+            # moves: held constant, it would make every derivative wrong.
+            z_moves = self.has_byproduct and byproduct_moves(
+                z_of,
+                moving,
+                lambda z: c(moving, y, z),
+                z,
+                self.on_failure,
+                tracing_site(),
             )
             A = _linearise(lambda y: c(moving, y), y)
             _, B = jax.linearize(lambda m: c(m, y), moving)
@@ -251,11 +274,12 @@ class ImplicitFunction(eqx.Module):
             # A failed check or a non-finite y: NaN in, NaN out, not a failed solve.
             # (The check fails on a non-finite y: no second pass over y then.)
             sound = ~failed if self.check_conditions is not None else all_finite(y)
+            sound = sound & (not z_moves)
             y_dot = solve_linearised(
                 A, rhs, y, sound, solver, representation, self.on_failure, site
             )
             z_dot = jax.tree.map(_zero_tangent, out_arrays[1])
-            if self.check_conditions is not None:
+            if self.check_conditions is not None or z_moves:
                 y_dot, z_dot = _poison_unless(sound, t_moving, y_dot, z_dot)
             return outputs, ((y_dot, z_dot), _zero_tangent(failed))
 

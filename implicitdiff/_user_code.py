@@ -15,8 +15,9 @@ import jax
 import numpy as np
 from jax.extend import core as jex_core
 
-from ._failure import CallSite
-from ._misc import name_of, tracing
+from ._dependence import outputs_depending
+from ._failure import CallSite, OnFailure, OnFailureError
+from ._misc import is_inexact_array, name_of, tracing
 from ._validation import split_output
 
 # Raised when code converts a tracer to a Python or NumPy value: the forward is NumPy
@@ -227,6 +228,60 @@ def warn_if_inputs_ignored(
         "the conditions are missing a dependence.",
         UserWarning,
     )
+
+
+def byproduct_moves(
+    z_of_moving: Callable,
+    moving,
+    c_of_z: Callable,
+    z,
+    on_failure: OnFailure,
+    site: CallSite,
+) -> bool:
+    """Whether a floating leaf of the byproduct `z` that the conditions `c_of_z(z)`
+    read depends on the differentiated inputs `moving` in the forward
+    (`z_of_moving(moving)`), found in their jaxprs at trace time. The implicit rule
+    holds `z` constant: its derivative would then miss `∂c/∂z·dz/dx`. Warns (raises
+    with `on_failure="raise"`), once per call site, naming the leaves."""
+    z_leaves, z_def = jax.tree.flatten(z)
+    floating = [i for i, leaf in enumerate(z_leaves) if is_inexact_array(leaf)]
+
+    def c_of_floating(*values):
+        leaves = list(z_leaves)
+        for i, value in zip(floating, values, strict=True):
+            leaves[i] = value
+        return c_of_z(jax.tree.unflatten(z_def, leaves))
+
+    unread = set(_unused_inputs(c_of_floating, [z_leaves[i] for i in floating]))
+    read = [i for k, i in enumerate(floating) if k not in unread]
+    if not read:
+        return False
+    m_leaves, m_def = jax.tree.flatten(moving)
+
+    def z_read(*leaves):
+        z = z_of_moving(jax.tree.unflatten(m_def, leaves))
+        return [jax.tree.leaves(z)[i] for i in read]
+
+    depending = outputs_depending(z_read, m_leaves, [True] * len(m_leaves))
+    names = [
+        "z" + jax.tree_util.keystr(path)
+        for k, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(z)[0])
+        if k in {i for i, d in zip(read, depending, strict=True) if d}
+    ]
+    if not names:
+        return False
+    message = (
+        f"implicitdiff: the byproduct {', '.join(names)} is computed from the "
+        "differentiated inputs and the conditions read it, but the implicit rule "
+        "holds z constant: the derivative would miss ∂c/∂z·dz/dx and be wrong, so "
+        "every derivative is NaN. Compute it inside the conditions from x and y "
+        "instead, or, if ∂c/∂z = 0 at the solution (z only sets a step size, "
+        "say), pass it through jax.lax.stop_gradient in the forward to say so."
+    )
+    if on_failure == "raise":
+        raise OnFailureError(message)
+    site.warn(message, UserWarning)
+    return True
 
 
 def _unused_inputs(fn: Callable, leaves: list) -> list[int]:

@@ -162,6 +162,10 @@ def announce_failed_conditions(
 ) -> Bool[Array, ""]:
     """`failed` (from `conditions_failed`), after warning or raising as
     `on_failure` says when it holds."""
+    # A forward of the library (argmin's optimiser loop) says what failed itself.
+    describe = getattr(forward, "implicitdiff_failure_message", None)
+    if callable(describe):
+        return announce(failed, on_failure, describe(), site)
     message = (
         f"implicitdiff: the output of the forward {name_of(forward)} is not finite "
         f"or does not satisfy the conditions: ‖c(x, y)‖ > {tolerance:g}·(1 + ‖y‖); "

@@ -100,13 +100,13 @@ def test_init_gets_no_derivative_even_when_it_depends_on_x():
 def test_stopped_by_max_steps_is_caught_not_returned():
     X, t = ridge_data()
     short = dict(tol=1e-10, max_steps=3)
-    with pytest.warns(RuntimeWarning, match="does not satisfy the conditions"):
+    with pytest.warns(RuntimeWarning, match="stopped after at most max_steps=3"):
         w = idf.argmin(ridge, optax.adam(0.01), **short)(0.7, X, t, init=jnp.zeros(4))
     assert bool(jnp.all(jnp.isnan(w)))
     silent = idf.argmin(ridge, optax.adam(0.01), on_failure="nan", **short)
     grad = jax.grad(lambda lam: jnp.sum(silent(lam, X, t, init=jnp.zeros(4))))(0.7)
     assert bool(jnp.isnan(grad))
-    with pytest.raises(Exception, match="does not satisfy the conditions"):
+    with pytest.raises(Exception, match="stopped after at most max_steps=3"):
         loud = idf.argmin(ridge, optax.adam(0.01), on_failure="raise", **short)
         jax.block_until_ready(jax.jit(loud)(0.7, X, t, init=jnp.zeros(4)))
     # A looser check, passed explicitly, accepts the same early stop.
@@ -142,3 +142,41 @@ def test_argmin_is_a_module_and_rejects_bad_options():
     assert isinstance(solve, idf.Argmin)
     with pytest.raises(ValueError, match="on_failure"):
         idf.argmin(ridge, optax.lbfgs(), tol=1e-8, max_steps=10, on_failure="loud")
+
+
+def test_stopped_short_with_a_large_solution_is_caught():
+    # The check of ImplicitFunction is relative, ‖c‖ ≤ tol·(1 + ‖y‖): at y ≈ 100 a run
+    # cut after 3 steps with ‖∇f‖ ≈ 0.09 passed it (gradient 6 % off, no warning).
+    # argmin's check is the loop's own test, ‖∇f‖ ≤ tol, whatever the size of y.
+    f = lambda x, y: 1e-6 * jnp.sum(y**4 / 4 - x * y)  # y = x^(1/3)
+    x, init = jnp.array(1e6), jnp.array(103.0)
+    short = idf.argmin(f, optax.sgd(1e-2), tol=1e-3, max_steps=3)
+    for mode in (jax.grad, jax.jacfwd):
+        with pytest.warns(RuntimeWarning, match="max_steps=3"):
+            assert bool(jnp.isnan(jax.jit(mode(lambda x: short(x, init=init)))(x)))
+    # Under vmap the stopped element alone is NaN.
+    xs = jnp.array([1e6, 1.0])
+    with pytest.warns(RuntimeWarning, match="max_steps=3"):
+        ys = jax.vmap(lambda x, i: short(x, init=i))(xs, jnp.array([103.0, 1.0]))
+    assert bool(jnp.isnan(ys[0])) and float(ys[1]) == 1.0
+    # Converged, the same large solution is accepted and its derivative right.
+    full = idf.argmin(f, optax.lbfgs(), tol=1e-9, max_steps=200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grad = jax.grad(lambda x: full(x, init=init))(x)
+    np.testing.assert_allclose(grad, 1 / (3 * 1e6 ** (2 / 3)), rtol=1e-6)
+
+
+def test_mistakes_get_errors_that_name_the_fix():
+    f = lambda x, y: jnp.sum((y - x) ** 2)
+    with pytest.raises(TypeError, match=r"call the factory: optax.sgd\(0.1\)"):
+        idf.argmin(f, optax.sgd, tol=1e-8, max_steps=10)
+    solve = idf.argmin(f, optax.sgd(0.1), tol=1e-8, max_steps=500)
+    with pytest.raises(TypeError, match="`init` must be floating-point"):
+        solve(jnp.ones(2), init=jnp.zeros(2, int))
+    boxed = idf.argmin(
+        f, optax.sgd(0.1), tol=1e-8, max_steps=500, projection=projections.box
+    )
+    with pytest.raises(TypeError) as caught:
+        boxed(jnp.ones(2), init=jnp.zeros(2))
+    assert "lambda v, x: projections.box" in "\n".join(caught.value.__notes__)

@@ -734,3 +734,91 @@ def test_one_line_calling_many_implicit_functions_keeps_compiling_each():
             y, messages = evaluate(f)
             np.testing.assert_allclose(y, scale * np.sqrt(X), rtol=1e-6)
             assert not any("run eagerly" in m for m in messages)
+
+
+def _byproduct_cases():
+    """(forward, conditions, x): forwards returning (y, z) with z computed from x."""
+    sqrt3 = (
+        lambda x: (jnp.sqrt(3 * x), 2 * x),
+        lambda x, y, z: y**2 - z - x,
+        jnp.array([4.0, 9.0]),
+    )
+
+    def cholesky_forward(x):  # a factorisation of A(x), reused by the conditions
+        L = jnp.linalg.cholesky(jnp.diag(x) + 1.0)
+        return jax.scipy.linalg.cho_solve((L, True), jnp.ones(2)), L
+
+    cholesky = (
+        cholesky_forward,
+        lambda x, y, L: L @ (L.T @ y) - jnp.ones(2) + 0 * x,
+        jnp.array([2.0, 3.0]),
+    )
+
+    def loop_forward(x):  # z changes in a loop whose trip count depends on x
+        def body(carry):
+            y, z = carry
+            return 0.5 * (y + x / y), z + 1.0
+
+        def unfinished(carry):
+            return jnp.max(jnp.abs(carry[0] ** 2 - x)) > 1e-12
+
+        return jax.lax.while_loop(unfinished, body, (jnp.ones_like(x), 0.0))
+
+    loop = (loop_forward, lambda x, y, z: (1 + z) * (y**2 - x), jnp.array([4.0, 9.0]))
+    return {"sqrt3": sqrt3, "cholesky": cholesky, "loop": loop}
+
+
+@pytest.mark.parametrize("case", ["sqrt3", "cholesky", "loop"])
+@pytest.mark.parametrize("mode", [jax.jacfwd, jax.jacrev])
+def test_a_byproduct_computed_from_x_and_read_by_the_conditions_is_refused(
+    case, mode
+):
+    # Held constant, such a z gave finite wrong derivatives: 0.144 for the true 0.433
+    # (sqrt3), [0, 0] for [-0.125, -0.083] (cholesky). The loop's z (an iteration
+    # count as a float) is a true dependence too, through the trip count.
+    forward, conditions, x = _byproduct_cases()[case]
+    f = idf.ImplicitFunction(forward, conditions, has_byproduct=True)
+    with pytest.warns(UserWarning, match=r"the byproduct z is computed from"):
+        jac = jax.jit(mode(lambda x: f(x)[0]))(x)
+    assert bool(jnp.all(jnp.isnan(jac)))
+    loud = idf.ImplicitFunction(
+        forward, conditions, has_byproduct=True, on_failure="raise"
+    )
+    with pytest.raises(idf.OnFailureError, match="byproduct"):
+        mode(lambda x: loud(x)[0])(x)
+
+
+def test_a_byproduct_that_is_constant_unread_or_stopped_is_accepted():
+    x = jnp.array([4.0, 9.0])
+    exact = jnp.diag(1 / (2 * jnp.sqrt(x)))
+
+    def loop_forward(x):  # z passes through the loop unchanged
+        def body(carry):
+            y, z = carry
+            return 0.5 * (y + x / y), z
+
+        def unfinished(carry):
+            return jnp.max(jnp.abs(carry[0] ** 2 - x)) > 1e-12
+
+        return jax.lax.while_loop(unfinished, body, (jnp.ones_like(x), 2.0))
+
+    cases = [
+        # z from constants only, through a loop that depends on x
+        (loop_forward, lambda x, y, z: z * (y**2 - x)),
+        # z from x but not read by the conditions
+        (lambda x: (jnp.sqrt(x), 2 * x), lambda x, y, z: y**2 - x),
+        # z from x, read, but declared constant by the user
+        (
+            lambda x: (jnp.sqrt(x), jax.lax.stop_gradient(x + 1)),
+            lambda x, y, z: (z / (x + 1)) * (y**2 - x),
+        ),
+        # an integer z (an iteration count)
+        (lambda x: (jnp.sqrt(x), jnp.int32(3)), lambda x, y, z: z * (y**2 - x)),
+    ]
+    for forward, conditions in cases:
+        f = idf.ImplicitFunction(forward, conditions, has_byproduct=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for mode in (jax.jacfwd, jax.jacrev):
+                jac = jax.jit(mode(lambda x: f(x)[0]))(x)
+                np.testing.assert_allclose(jac, exact, rtol=1e-6)
