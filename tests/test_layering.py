@@ -18,7 +18,7 @@ LAYERS = (
         "diagnostics, policies",
         ("_solve_log", "_solve_record", "_solve_clock", "_failure"),
     ),
-    ("helpers", ("_misc",)),
+    ("helpers", ("_misc", "_dependence")),
 )
 
 
