@@ -194,7 +194,11 @@ def argmin(
     A run stopped by `max_steps` short of `tol` is not returned as converged: `y`
     and its derivatives are NaN and `on_failure` applies (a warning by default).
     `check_conditions` (default `tol`) is here the loop's own test, absolute: the
-    residual's 2-norm at most `check_conditions`, whatever the size of `y`.
+    residual's 2-norm at most `check_conditions`, whatever the size of `y`. The
+    conditions are first-order: a run that ends at a saddle point or a maximum (from
+    a start where the gradient vanishes, say `init = 0` for `y⁴ − y² − x·y`) is a
+    stationary point, returned with that point's derivative; start elsewhere, or
+    check the curvature, when `f` is not convex.
 
     !!! Example
 
