@@ -274,7 +274,8 @@ class ImplicitFunction(eqx.Module):
             # A failed check or a non-finite y: NaN in, NaN out, not a failed solve.
             # (The check fails on a non-finite y: no second pass over y then.)
             sound = ~failed if self.check_conditions is not None else all_finite(y)
-            sound = sound & (not z_moves)
+            if z_moves:
+                sound = jnp.zeros_like(sound)
             y_dot = solve_linearised(
                 A, rhs, y, sound, solver, representation, self.on_failure, site
             )
