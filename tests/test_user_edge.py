@@ -770,9 +770,7 @@ def _byproduct_cases():
 
 @pytest.mark.parametrize("case", ["sqrt3", "cholesky", "loop"])
 @pytest.mark.parametrize("mode", [jax.jacfwd, jax.jacrev])
-def test_a_byproduct_computed_from_x_and_read_by_the_conditions_is_refused(
-    case, mode
-):
+def test_a_byproduct_computed_from_x_and_read_by_the_conditions_is_refused(case, mode):
     # Held constant, such a z gave finite wrong derivatives: 0.144 for the true 0.433
     # (sqrt3), [0, 0] for [-0.125, -0.083] (cholesky). The loop's z (an iteration
     # count as a float) is a true dependence too, through the trip count.
