@@ -68,7 +68,9 @@ def linear_solve(
 
     **Returns:**
 
-    `x`, a vector (a pytree shaped like the operator's input), all NaN on failure.
+    `x`, a vector (a pytree shaped like the operator's input) in the dtype of `A`
+    and `b` together (complex for a complex `A` and a real `b`, floating for an
+    integer `b`), all NaN on failure.
     """
     operator = _as_operator(A)
     if operator.pattern.shape[0] != operator.pattern.shape[1]:
@@ -113,9 +115,14 @@ def linear_solve(
             flat.mv, b_flat.astype(dtype), flat, solver, on_failure, site, system=system
         )
     # For a matrix, x comes back shaped like b (a column (n, 1) stays one, as in
-    # `jnp.linalg.solve`); for an operator, like its input.
+    # `jnp.linalg.solve`); for an operator, like its input. Either way in the dtype
+    # of A and b together: b's would truncate an integer b's solution, or drop the
+    # imaginary part of a complex A's.
     is_matrix = not isinstance(A, SparseLinearOperator)
-    return unravel(x, structure(b) if is_matrix else operator.in_structure())
+    shapes = structure(b) if is_matrix else operator.in_structure()
+    return unravel(
+        x, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
+    )
 
 
 def _as_operator(A) -> SparseLinearOperator:

@@ -162,6 +162,8 @@ def solve_with_presolve(
 
     builtin = _is_builtin(solver)
     own = "" if builtin else ", a solution whose residual is too large"
+    # An array, never a Python bool: `~True` is -2, which is truthy.
+    operator_finite = jnp.asarray(operator_finite)
 
     def presolve_and_solve(transpose):
         direction = "VJP (Aᵀ u = v)" if transpose else "JVP (A x = b)"

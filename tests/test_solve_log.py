@@ -433,3 +433,18 @@ def test_unknown_status_is_an_error_when_tracing():
     f = idf.ImplicitFunction(lambda x: x, lambda x, y: y - x, Confused(0.5))
     with pytest.raises(ValueError, match="unknown status 'exploded'"):
         jax.grad(total(f))(jnp.ones(2))  # with or without a log
+
+
+@pytest.mark.parametrize("solver", [idf.Direct(), idf.GMRES(), idf.SciPy("splu")])
+def test_linear_solve_records_converged_solves_as_converged(solver):
+    # Every linear_solve entry said "non-finite input": a default flag was the
+    # Python True, and `~True` is -2, which is truthy.
+    from jax.experimental import sparse
+
+    A = sparse.BCOO.fromdense(jnp.array([[4.0, 1.0], [1.0, 3.0]]))
+    with idf.SolveLog() as log:
+        x = idf.linear_solve(A, jnp.array([1.0, 2.0]), solver)
+        grad = jax.grad(lambda b: jnp.sum(idf.linear_solve(A, b, solver)))(x)
+    jax.block_until_ready(grad)
+    assert len(log.entries) >= 2
+    assert {entry.status for entry in log.entries} == {"converged"}

@@ -487,3 +487,30 @@ def test_dense_fallback_costs_about_what_a_dense_matrix_does():
             if n > 64:
                 seconds[name] = min(seconds[name], time.perf_counter() - start)
     assert seconds["sparse"] < 5 * seconds["matrix"] + 0.5, seconds
+
+
+@pytest.mark.parametrize("solver", [idf.Direct(), idf.GMRES(), idf.SciPy("splu")])
+def test_linear_solve_returns_the_dtype_of_a_and_b_together(solver):
+    # x came back in b's dtype: an integer b truncated it ([0, 6] for [0.91, 6.36]),
+    # a real b dropped a complex A's imaginary part, silently.
+    dense = np.array([[4.0, 1.0], [1.0, 3.0]])
+    A = jsparse.BCOO.fromdense(jnp.asarray(dense))
+    x = idf.linear_solve(A, jnp.array([10, 20]), solver)
+    assert x.dtype == jnp.float64
+    np.testing.assert_allclose(x, np.linalg.solve(dense, [10.0, 20.0]), rtol=1e-10)
+    x32 = idf.linear_solve(A, jnp.array([1.0, 2.0], jnp.float32), solver)
+    assert x32.dtype == jnp.float64
+    if isinstance(solver, idf.GMRES):  # real systems only
+        return
+    complex_dense = dense + 1j * np.diag([1.0, 2.0])
+    Ac = jsparse.BCOO.fromdense(jnp.asarray(complex_dense))
+    b = jnp.array([1.0, 2.0])
+    x = idf.linear_solve(Ac, b, solver)
+    assert x.dtype == jnp.complex128
+    np.testing.assert_allclose(x, np.linalg.solve(complex_dense, b), rtol=1e-10)
+    # The gradient in the real b of a real loss of the complex x, against a dense
+    # solve differentiated by JAX.
+    loss = lambda solve: lambda b: jnp.sum(jnp.abs(solve(b)) ** 2)
+    grad = jax.grad(loss(lambda b: idf.linear_solve(Ac, b, solver)))(b)
+    dense_grad = jax.grad(loss(lambda b: jnp.linalg.solve(complex_dense, b)))(b)
+    np.testing.assert_allclose(grad, dense_grad, rtol=1e-8, atol=1e-14)
