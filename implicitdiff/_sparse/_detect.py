@@ -40,7 +40,8 @@ def detect_sparsity(
     linear_fn: Callable,
     in_structure: PyTree[jax.ShapeDtypeStruct],
     warn_on_fallback: bool = True,
-) -> SparsityPattern:
+    stop_on_fallback: bool = False,
+) -> SparsityPattern | None:
     """The pattern of the matrix of `linear_fn`, rows and columns in `ravel` order.
 
     **Arguments:**
@@ -48,6 +49,8 @@ def detect_sparsity(
     - `linear_fn`: a linear function of a pytree shaped like `in_structure`.
     - `in_structure`: a pytree of `jax.ShapeDtypeStruct`.
     - `warn_on_fallback`: whether a primitive without an exact rule warns.
+    - `stop_on_fallback`: whether such a primitive stops the detection (the result
+        is then `None`, and nothing dense is built).
 
     **Returns:**
 
@@ -63,8 +66,11 @@ def detect_sparsity(
     in_deps = [
         _identity_rows(start, n, n_in) for start, n in zip(starts, sizes, strict=True)
     ]
-    fallbacks = set()
-    out_deps = _propagate(closed.jaxpr, closed.consts, in_deps, {}, fallbacks)
+    fallbacks = _Stopping() if stop_on_fallback else set()
+    try:
+        out_deps = _propagate(closed.jaxpr, closed.consts, in_deps, {}, fallbacks)
+    except _Stopped:
+        return None
     if fallbacks and warn_on_fallback:
         warnings.warn(
             "implicitdiff.Sparse('auto'): no exact sparsity rule for "
@@ -82,6 +88,18 @@ def detect_sparsity(
     ]
     matrix = _as_csr(_stack(out_deps, avals))
     return SparsityPattern._from_csr(matrix.indptr, matrix.indices, matrix.shape)
+
+
+class _Stopped(Exception):
+    """A primitive without an exact rule, with `stop_on_fallback`."""
+
+
+class _Stopping(set):
+    """The set of fallback primitives that stops at the first: `_apply` adds to it
+    outside its `try`, so that the exception is not taken for a failed rule."""
+
+    def add(self, name):
+        raise _Stopped(name)
 
 
 def _propagate(jaxpr: Jaxpr, consts, in_deps, in_sources, fallbacks) -> list[Deps]:
