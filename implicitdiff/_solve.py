@@ -21,6 +21,7 @@ from ._misc import (
     max_abs,
     max_abs_many,
     maxima,
+    operator_norm_lower_bound,
     poison_term,
     ravel,
     result_dtype,
@@ -180,6 +181,10 @@ def solve_with_presolve(
             state, regular, norm_bound = solve_record.presolve(
                 solver, A, structure(b), direction
             )
+            if not builtin:  # its own bound, if too large, would loosen the test
+                residual_norm_bound = jnp.minimum(
+                    norm_bound, operator_norm_lower_bound(A)
+                )
 
             def judge(x):  # accepted, and NaN in b (from b's maximum)
                 _check_solution(solver, x, A.in_structure())
@@ -187,7 +192,7 @@ def solve_with_presolve(
                 n, dtype = size(x), result_dtype(x)
                 accepted = credible_maxima(norm_bound, x_max, b_max, n, dtype)
                 if not builtin:
-                    bound = norm_bound * x_max + b_max
+                    bound = residual_norm_bound * x_max + b_max
                     accepted &= _backward_error_small(product, x, b, bound)
                 return regular & accepted, jnp.isnan(b_max)
 

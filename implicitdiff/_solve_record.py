@@ -153,7 +153,14 @@ def presolve(solver, operator, y_structure, direction):
 
 
 def _certificate(solver, state, operator):
-    return solver.certify(state, operator), solver.norm_bound(state, operator)
+    certificate = solver.certify(state, operator)
+    if jnp.shape(certificate) != () or jnp.result_type(certificate) != jnp.bool_:
+        raise TypeError(
+            f"implicitdiff: {type(solver).__name__}.certify must return a boolean "
+            f"scalar array (whether A is proven regular), got "
+            f"{jnp.result_type(certificate)}{list(jnp.shape(certificate))}."
+        )
+    return jnp.asarray(certificate), solver.norm_bound(state, operator)
 
 
 def solve(solver, state, product: Callable, b, direction, judge, operator_finite):

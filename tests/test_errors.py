@@ -108,7 +108,16 @@ def test_linear_solve_integer_values_and_column_right_hand_side():
     np.testing.assert_allclose(column[:, 0], [1.0, 0.5, 0.25])
 
 
-@pytest.mark.parametrize("solver", [lx.CG(rtol=1e-8, atol=1e-8), lx.Cholesky()])
+@pytest.mark.parametrize(
+    "solver",
+    [
+        lx.CG(rtol=1e-8, atol=1e-8),
+        lx.Cholesky(),
+        lx.Diagonal(),
+        lx.Tridiagonal(),
+        lx.Triangular(),
+    ],
+)
 def test_lineax_solvers_that_need_tags_name_the_alternative(solver):
     """lineax's CG and Cholesky need an operator tagged definite, which ∂c/∂y is
     not: the error says so and names implicitdiff's own CG, at trace time."""

@@ -177,7 +177,25 @@ class WrongShape(idf.AbstractLinearSolver):
         return b[:-1]
 
 
-@pytest.mark.parametrize("solver", [FewSweeps(), WithTranspose(), ReturnsB()])
+class OnePercentOff(Exact):
+    """A wrong solver (1 % off) that claims a far too large `‖A‖`, which loosened
+    the backward-error test enough to pass it."""
+
+    def solve(self, state, b):
+        return 1.01 * jnp.linalg.solve(state, b)
+
+    def norm_bound(self, state, A):
+        return 1e3 * jnp.sum(jnp.abs(state))
+
+
+class FloatCertificate(Exact):
+    def certify(self, state, A):
+        return jnp.ones(3)
+
+
+@pytest.mark.parametrize(
+    "solver", [FewSweeps(), WithTranspose(), ReturnsB(), OnePercentOff()]
+)
 @pytest.mark.parametrize("jacobian", [jax.jacfwd, jax.jacrev])
 def test_finite_wrong_answers_of_a_user_solver_are_refused(solver, jacobian):
     """A user's solver that breaks the contract (a finite answer when it did not
@@ -238,3 +256,11 @@ def test_a_user_solver_returning_b_is_refused_at_every_size(n, dtype):
             else:
                 np.testing.assert_allclose(value, 0.5, rtol=1e-6)
         assert len(told) == (2 if refused else 0)
+
+
+def test_a_certificate_that_is_not_a_boolean_scalar_names_the_solver():
+    f = idf.ImplicitFunction(
+        jnp.sqrt, lambda x, y: y**2 - x + 0 * y[::-1], linear_solver=FloatCertificate()
+    )
+    with pytest.raises(TypeError, match="FloatCertificate.certify must return"):
+        jax.jacfwd(f)(jnp.ones(3))

@@ -130,7 +130,11 @@ class AbstractLinearSolver(eqx.Module):
         a numerically singular one gives a huge `x`, which proves
         `κ∞(A) ≥ ‖A‖∞‖x‖∞/‖r‖∞` above `1/(√n·ε)`. A solver that certifies
         regularity in its own `presolve` (a factorisation with a pivot test and a
-        condition estimate) overrides this to return that flag for free.
+        condition estimate) overrides this to return that flag for free. An override
+        is trusted: return `True` only with a proof (a pivot test, a condition
+        estimate). On an exactly singular `A`, an LU factorisation's rounding leaves
+        pivots of about `ε‖A‖`, and its solutions have small residuals and moderate
+        sizes: only a certificate tells them from solutions.
 
         **Arguments:**
 

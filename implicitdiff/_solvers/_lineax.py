@@ -91,16 +91,18 @@ class Lineax(AbstractLinearSolver):
         try:
             state = self.solver.init(A, self._options)
         except ValueError as error:
-            if "definite" not in str(error):
+            if "definite" not in str(error) and "may only be used" not in str(error):
                 raise
             name = type(self.solver).__name__
             raise ValueError(
-                f"implicitdiff: Lineax(lx.{name}()) needs an operator tagged positive "
-                "or negative definite, and the operator (∂c/∂y, or linear_solve's "
-                "matrix) reaches it without tags (nothing tells it is definite). Use "
-                "implicitdiff.CG() (conjugate gradients "
-                "without tags), or Lineax(lx.LU()) / implicitdiff.Direct() for a "
-                f"factorisation. (lineax: {error})"
+                f"implicitdiff: Lineax(lx.{name}()) needs an operator tagged with a "
+                "structure (positive or negative definite, diagonal, tridiagonal, "
+                "triangular), and the operator (∂c/∂y, or linear_solve's matrix) "
+                "reaches it without tags: nothing tells it that structure. Use "
+                "implicitdiff.CG() for a definite one (conjugate gradients without "
+                "tags), implicitdiff.Auto() for a diagonal one (it recognises a "
+                "diagonal ∂c/∂y from its structure), or Lineax(lx.LU()) / "
+                f"implicitdiff.Direct() for a factorisation. (lineax: {error})"
             ) from None
         b_structure = A.out_structure()
         dtype = jnp.result_type(*jax.tree.leaves(b_structure))
