@@ -46,12 +46,15 @@ def solve_linearised(
     site: Site,
     complex_checked: bool = False,
     system: str = "∂c/∂y",
+    curvature: Callable | None = None,
 ) -> PyTree[Array]:
     """Solves `A ẏ = rhs` for the linearised conditions `A` at `y`, transposably.
     `system` names `A` in the failure's message.
 
-    With [`LeastSquares`] the system becomes the normal equations. A pytree whose
-    leaves have different dtypes is solved as one flat vector of the widest dtype:
+    With [`LeastSquares`] the system becomes the normal equations, plus, when given,
+    the residual's `curvature` (`scale ↦ (H, h)`: `H` added to the scaled normal
+    operator, `h` subtracted from its right-hand side). A pytree whose leaves have
+    different dtypes is solved as one flat vector of the widest dtype:
     solvers (and lineax's materialisation) need one dtype throughout. An empty `y`
     has an empty derivative and no system to solve.
     """
@@ -68,6 +71,14 @@ def solve_linearised(
         dtype = jnp.result_type(*leaves)
         flat_A = lambda v: ravel(A(unravel(v, y_structure))).astype(dtype)  # noqa: E731
         flat_y = jax.ShapeDtypeStruct((size(y_structure),), dtype)
+        flat_curvature = None
+        if curvature is not None:
+
+            def flat_curvature(scale):
+                H, h = curvature(scale)
+                flat_H = lambda v: ravel(H(unravel(v, y_structure))).astype(dtype)  # noqa: E731
+                return flat_H, ravel(h).astype(dtype)
+
         with flattened_from(tuple({leaf.dtype for leaf in leaves})):
             flat = solve_linearised(
                 flat_A,
@@ -80,6 +91,7 @@ def solve_linearised(
                 site,
                 complex_checked=True,
                 system=system,
+                curvature=flat_curvature,
             )
         return unravel(flat, y_structure)
     matvec, tags = A, ()
@@ -103,13 +115,25 @@ def solve_linearised(
             conj = jax.tree.map(jnp.conj, scaled(before, v))
             return scaled(after, jax.tree.map(jnp.conj, At(conj)[0]))
 
-        matvec = lambda v: adjoint(cA(v), inner, outer)  # noqa: E731
+        normal = lambda v: adjoint(cA(v), inner, outer)  # noqa: E731
+        matvec = normal
+        h = None
+        if curvature is not None:
+            H, h = curvature(inner * outer)
+            if h is None:  # complex unknowns
+                rhs = _nan_unless_consistent(
+                    normal, H, rhs, y_structure, operator_finite, on_failure, site
+                )
+            else:
+                matvec = lambda v: jax.tree.map(jnp.add, normal(v), H(v))  # noqa: E731
         # c²·Aᴴ rhs as c·Aᴴ(c·rhs): `rhs = −B ẋ` need not be on A's scale (with
         # B = −I and A = 10³⁰·M it is of order one), and every intermediate, in this
         # map and in its transpose (reverse mode), stays between its input's scale and
         # its output's. Scaled by c^(3/2) before Aᴴ, an order-one rhs underflowed to
         # an exact 0, whose solution 0 passed every check.
         rhs = adjoint(rhs, inner * outer, inner * outer)
+        if h is not None:
+            rhs = jax.tree.map(jnp.subtract, rhs, h)
         if not any(jnp.issubdtype(leaf.dtype, jnp.complexfloating) for leaf in leaves):
             tags = (lx.symmetric_tag, lx.positive_semidefinite_tag)
     operator = representation.operator(matvec, structure(rhs))
@@ -287,6 +311,37 @@ def _nan_unless_complex_linear(
         "(real arrays), and the conditions as real equations."
     )
     term = poison_term(announce(not_linear, on_failure, message, site), rhs)
+    return jax.tree.map(lambda leaf: add_poison(term, leaf), rhs)
+
+
+def _nan_unless_consistent(
+    normal: Callable,
+    H: Callable,
+    rhs: PyTree[Array],
+    y_structure: PyTree,
+    operator_finite: Bool[Array, ""],
+    on_failure: OnFailure,
+    site: Site,
+) -> PyTree[Array]:
+    """`rhs`, all NaN (with the policy's warning or error) unless the residual's
+    curvature `H` is negligible next to the normal operator, on one probe. With
+    complex unknowns and a residual that does not vanish, the minimiser of `½‖c‖²`
+    depends on `conj(ẏ)`: its derivative is not complex-linear, and the normal
+    equations alone (Gauss-Newton) would give a finite wrong one."""
+    probe = jax.tree.map(
+        lambda leaf: golden_phases(leaf).astype(leaf.dtype), y_structure
+    )
+    curvature, normal_size = maxima(ravel(H(probe)), ravel(normal(probe)))
+    eps = jnp.finfo(result_dtype(y_structure)).eps
+    inconsistent = (curvature > jnp.sqrt(eps) * normal_size) & operator_finite
+    message = (
+        "implicitdiff: LeastSquares with complex unknowns and conditions that do not "
+        "vanish at y (a fit with a residual): the minimiser of ½‖c‖² is then not "
+        "complex-differentiable, and the derivative is NaN. Write y as its real and "
+        "imaginary parts (real arrays), whose derivative includes the residual's "
+        "curvature."
+    )
+    term = poison_term(announce(inconsistent, on_failure, message, site), rhs)
     return jax.tree.map(lambda leaf: add_poison(term, leaf), rhs)
 
 

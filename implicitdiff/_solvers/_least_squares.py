@@ -34,6 +34,19 @@ class LeastSquares(AbstractLinearSolver):
     positive semi-definite) with the right-hand side `Aᴴ r`; it is also correct, if
     more expensive than [`implicitdiff.Direct`][], for a square `A`.
 
+    **Fits with a residual.** When the conditions do not vanish at `y` (a nonlinear
+    least-squares fit, `y = argmin ½‖c(x, y)‖²`, with `r = c(x, y) ≠ 0`), the
+    derivative is that of the minimiser: the normal operator gains the residual's
+    curvature `Σ rᵢ∇²_yy cᵢ` and the right-hand side `Σ rᵢ∇²_yx cᵢ·ẋ` (second
+    derivatives of the conditions, two more products per operator product; zero for
+    consistent conditions). Without them (Gauss-Newton) the derivative would be off
+    by about the residual's relative size. The default check of the conditions
+    (`‖c‖ ≤ 10⁻³·(1 + ‖y‖)`) refuses a larger residual: for such a fit pass
+    `check_conditions=None`, or a tolerance the fit meets. With complex unknowns the
+    minimiser of a fit with a residual is not complex-differentiable (it depends on
+    `conj(ẏ)`): its derivative is NaN, with the `on_failure` policy's warning;
+    write `y` as real and imaginary parts instead.
+
     **Rank and conditioning.** A rank-deficient `A` has no unique derivative: every
     derivative is then all NaN, never one of the least-squares solutions. The normal
     equations square the condition number, `κ(AᴴA) = κ₂(A)²`, and `AᴴA` counts as
