@@ -242,3 +242,26 @@ def test_zero_right_hand_sides_are_solved_not_refused(method):
     np.testing.assert_array_equal(pullback, np.zeros(2))
     np.testing.assert_array_equal(pushforward, np.zeros(2))
     np.testing.assert_allclose(J, [[0.25, 0.0], [0.0, 0.0]], rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["bicgstab", "gmres", "cg", "qmr", "lgmres"])
+def test_float32_iterative_methods_solve_moderately_conditioned_systems(method):
+    # float32 BiCGStab stagnated above the default rtol = 1e-5 on this system
+    # (κ ≈ 250): NaN and a warning on a well-posed problem. Solved in double
+    # precision on the host now.
+    from jax.experimental import sparse
+
+    n = 40
+    dense = 2.01 * np.eye(n) - np.eye(n, k=1) - np.eye(n, k=-1)
+    A = sparse.BCOO.fromdense(jnp.asarray(dense, jnp.float32))
+    b = jnp.asarray(np.random.default_rng(0).normal(size=n), jnp.float32)
+    solver = idf.SciPy(method)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = idf.linear_solve(A, b, solver)
+        grad = jax.grad(lambda b: jnp.sum(idf.linear_solve(A, b, solver) ** 2))(b)
+    assert x.dtype == grad.dtype == jnp.float32
+    exact = np.linalg.solve(dense, np.asarray(b, np.float64))
+    np.testing.assert_allclose(x, exact, rtol=1e-3, atol=1e-4 * np.abs(exact).max())
+    expected = np.linalg.solve(dense.T, 2 * exact)
+    np.testing.assert_allclose(grad, expected, atol=1e-3 * np.abs(expected).max())

@@ -165,7 +165,10 @@ SciPy.__init__.__doc__ = """**Arguments:**
     `permc_spec`, `diag_pivot_thresh`, `options`, ... for the direct methods;
     `rtol` (default `1e-10` in float64, `1e-5` in float32), `atol` (default 0),
     `maxiter`, `restart`, ... for the iterative ones. `rtol` and `atol` also set the
-    true-residual test. Preconditioners (`M`) and callbacks are not accepted.
+    true-residual test. Preconditioners (`M`) and callbacks are not accepted. The
+    iterative methods compute in double precision on the host (a float32 system's
+    recurrences would stagnate near `ε·κ`), with the tolerances of the system's
+    dtype, and return the system's dtype.
 """
 
 
@@ -307,10 +310,18 @@ def _prepare_iterative(csr):
 
 
 def _solve_iterative(method, options, csr, _, B):
+    """The solutions of the rows of `B`, computed in double precision: in single
+    precision SciPy's recurrences stagnate near `ε·κ`, and BiCGStab missed float32's
+    default `rtol = 10⁻⁵` on a system with `κ = 250` (a NaN on a well-posed
+    problem). The tolerances stay those of `B`'s dtype; one copy of the matrix per
+    call."""
     function = getattr(sla, method)
     kwargs = dict(options)
     if "atol" not in inspect.signature(function).parameters:
         del kwargs["atol"]  # minres: only the true-residual test uses it
+    wide = np.promote_types(csr.dtype, np.float64)
+    csr = csr.astype(wide)
     run = lambda b: function(csr, b, **kwargs)
     rtol, atol = options["rtol"], options["atol"]
-    return np.stack([iterate_to_tolerance(run, csr, b, rtol, atol) for b in B])
+    X = [iterate_to_tolerance(run, csr, b, rtol, atol) for b in B.astype(wide)]
+    return np.stack(X).astype(B.dtype)
