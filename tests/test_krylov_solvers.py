@@ -497,3 +497,21 @@ def test_least_squares_complex_fit_with_a_residual_is_refused():
     with pytest.warns(RuntimeWarning, match="not complex-differentiable"):
         tangent = jax.jvp(f, (x,), (jnp.array([1.0, 0.0], complex),))[1]
     assert bool(jnp.all(jnp.isnan(tangent)))
+
+
+@pytest.mark.parametrize("solver_type", [idf.CG, idf.GMRES, idf.BiCGStab])
+def test_a_preconditioner_of_the_wrong_shape_is_named(solver_type):
+    class Truncating(idf.AbstractPreconditioner):
+        def presolve(self, A, y):
+            return None
+
+        def apply(self, state, r):
+            return r[:-1]
+
+    f = idf.ImplicitFunction(
+        jnp.sqrt,
+        lambda x, y: y**2 - x + 0 * y[::-1],
+        linear_solver=solver_type(preconditioner=Truncating()),
+    )
+    with pytest.raises(TypeError, match="Truncating.apply returned"):
+        jax.jacrev(f)(jnp.ones(4))

@@ -148,10 +148,21 @@ def flat_preconditioner(
     """`v ↦ M⁻¹ v` on flat vectors: the identity without a preconditioner."""
     if preconditioner is None:
         return lambda v: v
-    out_structure = A.out_structure()
-    return lambda v: ravel(
-        preconditioner.apply(state, unravel(v, out_structure))
-    ).astype(dtype)
+    out_structure, in_structure = A.out_structure(), A.in_structure()
+
+    def apply(v):
+        z = preconditioner.apply(state, unravel(v, out_structure))
+        if jax.tree.structure(z) != jax.tree.structure(in_structure) or jax.tree.map(
+            jnp.shape, z
+        ) != jax.tree.map(jnp.shape, in_structure):
+            raise TypeError(
+                f"implicitdiff: {type(preconditioner).__name__}.apply returned "
+                f"{jax.tree.map(jnp.shape, z)}, but M⁻¹r must have the structure "
+                f"and shapes of A's input, {jax.tree.map(jnp.shape, in_structure)}."
+            )
+        return ravel(z).astype(dtype)
+
+    return apply
 
 
 def safe_divide(numerator: Array, denominator: Array, ok: Bool[Array, ""]) -> Array:
