@@ -310,7 +310,18 @@ def _nan_unless_complex_linear(
         "matrix, and the derivative is NaN. Write y as its real and imaginary parts "
         "(real arrays), and the conditions as real equations."
     )
-    term = poison_term(announce(not_linear, on_failure, message, site), rhs)
+    return _poisoned_if(not_linear, rhs, on_failure, message, site)
+
+
+def _poisoned_if(
+    failed: Bool[Array, ""],
+    rhs: PyTree[Array],
+    on_failure: OnFailure,
+    message: str,
+    site: Site,
+) -> PyTree[Array]:
+    """`rhs`, all NaN (in both modes) where `failed`, announced by `on_failure`."""
+    term = poison_term(announce(failed, on_failure, message, site), rhs)
     return jax.tree.map(lambda leaf: add_poison(term, leaf), rhs)
 
 
@@ -341,8 +352,7 @@ def _nan_unless_consistent(
         "imaginary parts (real arrays), whose derivative includes the residual's "
         "curvature."
     )
-    term = poison_term(announce(inconsistent, on_failure, message, site), rhs)
-    return jax.tree.map(lambda leaf: add_poison(term, leaf), rhs)
+    return _poisoned_if(inconsistent, rhs, on_failure, message, site)
 
 
 def _normal_equations_scale(A: Callable, y_structure: PyTree) -> tuple[Array, Array]:
