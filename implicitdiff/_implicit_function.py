@@ -40,7 +40,7 @@ from ._misc import (
     unravel,
 )
 from ._representation import AbstractRepresentation, as_representation
-from ._solve import solve_linearised
+from ._solve import residual_curvature, solve_linearised
 from ._solvers._auto import Auto
 from ._solvers._base import AbstractLinearSolver
 from ._solvers._least_squares import LeastSquares
@@ -265,7 +265,7 @@ class ImplicitFunction(eqx.Module):
                 self.on_failure,
                 tracing_site(),
             )
-            A = _linearise(lambda y: c(moving, y), y)
+            residual, A = _linearise(lambda y: c(moving, y), y)
             _, B = jax.linearize(lambda m: c(m, y), moving)
             B_t = B(t_moving)
             # Through ravel, every leaf of the rhs is linear in the tangents, even a
@@ -278,7 +278,7 @@ class ImplicitFunction(eqx.Module):
                 sound = jnp.zeros_like(sound)
             curvature = None
             if isinstance(solver, LeastSquares):
-                curvature = _residual_curvature(c, moving, y, t_moving)
+                curvature = residual_curvature(c, residual, moving, y, t_moving)
             y_dot = solve_linearised(
                 A,
                 rhs,
@@ -305,57 +305,21 @@ class ImplicitFunction(eqx.Module):
         return conditions(x, y, *args, **kwargs)
 
 
-def _linearise(fn: Callable, y) -> Callable:
-    """`v ↦ ∂fn/∂y·v`, batchable. The linearisation of a `jax.custom_vjp` inside `fn`
-    can only be transposed, not evaluated under `vmap` (solvers materialise and probe
-    the operator that way), so then it is the transpose of `fn`'s VJP, which calls the
-    custom rule."""
+def _linearise(fn: Callable, y) -> tuple[PyTree, Callable]:
+    """`(fn(y), v ↦ ∂fn/∂y·v)`, the map batchable. The linearisation of a
+    `jax.custom_vjp` inside `fn` can only be transposed, not evaluated under `vmap`
+    (solvers materialise and probe the operator that way), so then it is the
+    transpose of `fn`'s VJP, which calls the custom rule."""
     c, A = jax.linearize(fn, y)
     try:
         jax.eval_shape(jax.vmap(A), jax.tree.map(lambda leaf: leaf[None], y))
-        return A
+        return c, A
     except TypeError as error:
         if "custom_vjp" not in str(error):
             raise
     _, vjp = jax.vjp(fn, y)
     A_transposed = jax.linear_transpose(lambda u: vjp(u)[0], structure(c))
-    return lambda v: A_transposed(v)[0]
-
-
-def _residual_curvature(c: Callable, moving, y, t_moving) -> Callable:
-    """For [`LeastSquares`]: `scale ↦ (v ↦ s²·Σ r̄ᵢ ∇²_yy cᵢ·v, s²·Σ r̄ᵢ ∇²_yx cᵢ·ẋ)`,
-    with `r = c(x, y)` held fixed. `y` minimises `½‖c‖²`; where the residual `r` is
-    not zero (a fit), the derivative of that minimiser solves
-    `(AᵀA + Σ rᵢ∇²cᵢ) ẏ = −(AᵀB + Σ rᵢ∇²_yx cᵢ) ẋ`: without these terms (the
-    Gauss-Newton derivative) it is off by about the residual's relative size. Both
-    are zero for consistent conditions. They are the Hessians of `s²·⟨r̄, c⟩` (`s`
-    the normal equations' power-of-two scale, applied to `r` and `c` each). For
-    complex unknowns only the first is formed (the second is not needed: see
-    `solve_linearised`)."""
-    residual = jax.lax.stop_gradient(c(moving, y))
-    real = not any(
-        jnp.issubdtype(leaf.dtype, jnp.complexfloating) for leaf in jax.tree.leaves(y)
-    )
-
-    def gradient(scale, m, y):
-        def weighted(m, y):
-            pairs = zip(
-                jax.tree.leaves(residual), jax.tree.leaves(c(m, y)), strict=True
-            )
-            return sum(jnp.sum(jnp.conj(scale * r) * (scale * ci)) for r, ci in pairs)
-
-        return jax.grad(weighted, argnums=1, holomorphic=not real)(m, y)
-
-    def terms(scale):
-        def second(v):
-            return jax.jvp(lambda y: gradient(scale, moving, y), (y,), (v,))[1]
-
-        if not real:
-            return second, None
-        mixed = jax.jvp(lambda m: gradient(scale, m, y), (moving,), (t_moving,))[1]
-        return second, mixed
-
-    return terms
+    return c, lambda v: A_transposed(v)[0]
 
 
 def _moving(tangents):

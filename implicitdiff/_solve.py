@@ -151,6 +151,42 @@ def solve_linearised(
     )
 
 
+def residual_curvature(c: Callable, residual, moving, y, t_moving) -> Callable:
+    """For [`LeastSquares`]: `scale ↦ (v ↦ s²·Σ r̄ᵢ ∇²_yy cᵢ·v, s²·Σ r̄ᵢ ∇²_yx cᵢ·ẋ)`,
+    with the residual `r = c(x, y)` held fixed. `y` minimises `½‖c‖²`; where `r` is
+    not zero (a fit), the derivative of that minimiser solves
+    `(AᵀA + Σ rᵢ∇²cᵢ) ẏ = −(AᵀB + Σ rᵢ∇²_yx cᵢ) ẋ`: without these terms (the
+    Gauss-Newton derivative) it is off by about the residual's relative size. Both
+    are zero for consistent conditions. They are the Hessians of `s²·⟨r̄, c⟩` (`s`
+    the normal equations' power-of-two scale, applied to `r` and `c` each). For
+    complex unknowns only the first is formed (the second is not needed: see
+    `solve_linearised`)."""
+    residual = jax.lax.stop_gradient(residual)
+    real = not any(
+        jnp.issubdtype(leaf.dtype, jnp.complexfloating) for leaf in jax.tree.leaves(y)
+    )
+
+    def gradient(scale, m, y):
+        def weighted(m, y):
+            pairs = zip(
+                jax.tree.leaves(residual), jax.tree.leaves(c(m, y)), strict=True
+            )
+            return sum(jnp.sum(jnp.conj(scale * r) * (scale * ci)) for r, ci in pairs)
+
+        return jax.grad(weighted, argnums=1, holomorphic=not real)(m, y)
+
+    def terms(scale):
+        def second(v):
+            return jax.jvp(lambda y: gradient(scale, moving, y), (y,), (v,))[1]
+
+        if not real:
+            return second, None
+        mixed = jax.jvp(lambda m: gradient(scale, m, y), (moving,), (t_moving,))[1]
+        return second, mixed
+
+    return terms
+
+
 def solve_with_presolve(
     matvec: Callable,
     rhs: PyTree[Array],
