@@ -262,7 +262,10 @@ def byproduct_moves(
         z = z_of_moving(jax.tree.unflatten(m_def, leaves))
         return [jax.tree.leaves(z)[i] for i in read]
 
-    depending = outputs_depending(z_read, m_leaves, [True] * len(m_leaves))
+    try:
+        depending = outputs_depending(z_read, m_leaves, [True] * len(m_leaves))
+    except UNTRACEABLE:  # a NumPy forward, run eagerly: nothing to read
+        return False
     names = [
         "z" + jax.tree_util.keystr(path)
         for k, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(z)[0])

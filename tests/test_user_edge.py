@@ -820,3 +820,23 @@ def test_a_byproduct_that_is_constant_unread_or_stopped_is_accepted():
             for mode in (jax.jacfwd, jax.jacrev):
                 jac = jax.jit(mode(lambda x: f(x)[0]))(x)
                 np.testing.assert_allclose(jac, exact, rtol=1e-6)
+
+
+def test_byproduct_of_a_forward_that_cannot_be_traced():
+    # A NumPy forward runs eagerly and cannot be read: not examined (no crash); one
+    # wrapped by implicitdiff.host is a callback, taken to depend on its inputs.
+    def forward(x):
+        x = np.asarray(x)
+        return np.sqrt(3 * x), 2 * x
+
+    conditions = lambda x, y, z: y**2 - z - x
+    x = jnp.array([4.0, 9.0])
+    eager = idf.ImplicitFunction(forward, conditions, has_byproduct=True)
+    assert bool(jnp.all(jnp.isfinite(jax.jacfwd(lambda x: eager(x)[0])(x))))
+    shapes = lambda x: (jax.ShapeDtypeStruct(x.shape, x.dtype),) * 2
+    hosted = idf.ImplicitFunction(
+        idf.host(forward, shapes), conditions, has_byproduct=True
+    )
+    with pytest.warns(UserWarning, match="the byproduct z is computed from"):
+        jac = jax.jit(jax.jacrev(lambda x: hosted(x)[0]))(x)
+    assert bool(jnp.all(jnp.isnan(jac)))
