@@ -387,9 +387,16 @@ def binary_exponent(tree: PyTree[Array], headroom: int | None = None) -> Int[Arr
     or non-finite elements (whose NaN or inf the caller's check then rejects).
     Clipped to ±(largest exponent − `headroom`), by default ±¾ of the dtype's largest
     exponent, so that `2^±e` itself is a normal number: scaling by it is exact."""
-    largest = max_abs(tree)
+    return exponent_of(max_abs(tree), headroom)
+
+
+def exponent_of(
+    largest: Array, headroom: int | None = None, dtype=None
+) -> Int[Array, "*shape"]:
+    """`binary_exponent`, elementwise, of values already reduced (`largest`); the
+    clipping range is that of `dtype` (default `largest`'s)."""
     _, exponent = jnp.frexp(jnp.where(jnp.isfinite(largest), largest, 0))
-    largest_exponent = jnp.finfo(largest.dtype).maxexp
+    largest_exponent = jnp.finfo(dtype or largest.dtype).maxexp
     if headroom is None:
         headroom = largest_exponent // 4
     limit = largest_exponent - headroom

@@ -25,6 +25,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 from ._failure import ON_FAILURE_CHOICES, CallSite, OnFailure, announce
 from ._implicit_function import ImplicitFunction
 from ._misc import (
+    exponent_of,
     max_abs,
     max_or_nan,
     ravel,
@@ -71,6 +72,10 @@ def refuse_complex(function: str, **trees: PyTree) -> None:
                 )
 
 
+# Parameters known at trace time (checked there), unlike JAX arrays.
+_HOST_VALUES = (bool, int, float, np.ndarray, np.generic)
+
+
 def check_parameter(
     function: str,
     name: str,
@@ -82,7 +87,7 @@ def check_parameter(
     of `value` fails `is_valid` somewhere. JAX arrays are not read (they may be traced,
     or on a device): the function makes its output NaN where they are invalid."""
     for leaf in jax.tree.leaves(value):
-        if isinstance(leaf, (bool, int, float, np.ndarray, np.generic)):
+        if isinstance(leaf, _HOST_VALUES):
             if not np.all(is_valid(np.asarray(leaf))):
                 raise ValueError(
                     f"implicitdiff.{function}: `{name}` must be {requirement}, got "
@@ -166,19 +171,6 @@ def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
 # scaling by powers of two (exact, and of no derivative: the maps are homogeneous).
 
 
-def binary_exponent(largest: Array, dtype) -> Int[Array, "*shape"]:
-    """`e` with `largest = m·2ᵉ`, `m` in [½, 1), elementwise; 0 where `largest` is 0
-    or not finite. Clipped to ±(largest exponent − 2) of `dtype`, so that `2^±e` is
-    a normal number of it (not flushed to zero on devices that do)."""
-    limit = jnp.finfo(dtype).maxexp - 2
-    return jnp.clip(_exponent(largest), -limit, limit)
-
-
-def _exponent(largest: Array) -> Int[Array, "*shape"]:
-    _, exponent = jnp.frexp(jnp.where(jnp.isfinite(largest), largest, 0))
-    return exponent
-
-
 def power_of_two(exponent: Int[Array, "*shape"], dtype) -> Array:
     return jnp.ldexp(jnp.ones((), jnp.finfo(dtype).dtype), exponent)
 
@@ -188,7 +180,7 @@ def _normalised(tree: PyTree[Array]) -> tuple[PyTree[Array], Array]:
     squares can neither overflow nor underflow (`3e19² = inf` in float32,
     `3e-200² = 0` in float64)."""
     real = jnp.finfo(jnp.result_type(*jax.tree.leaves(tree))).dtype
-    unit = power_of_two(-binary_exponent(max_abs(tree), real), real)
+    unit = power_of_two(-exponent_of(max_abs(tree), headroom=2, dtype=real), real)
     # In the widest dtype: a float16 leaf next to float32 ones would overflow 2⁻ᵉ.
     return jax.tree.map(
         lambda leaf: leaf.astype(jnp.promote_types(leaf.dtype, real)) * unit, tree
@@ -281,7 +273,7 @@ def _clip(u, lo, hi):
 def _numeric(x) -> np.ndarray | None:
     """`x` as a NumPy array when it is a Python number, a NumPy value or a list of
     numbers (known at trace time), else `None` (a JAX array, a pytree)."""
-    if isinstance(x, (bool, int, float, np.ndarray, np.generic)):
+    if isinstance(x, _HOST_VALUES):
         return np.asarray(x)
     if isinstance(x, (list, tuple)):
         leaves = jax.tree.leaves(x)
@@ -351,7 +343,8 @@ def _simplex_units(
     # |u − max u| ≤ 2·largest: the cumulative sums minus the scale stay below
     # (2n + 1)·largest, which the headroom keeps finite.
     headroom = int(np.ceil(np.log2(u.size + 1))) + 2
-    down = jnp.maximum(_exponent(largest) + headroom - jnp.finfo(u.dtype).maxexp, 0)
+    exponent = exponent_of(largest, headroom=0)  # unclipped for finite values
+    down = jnp.maximum(exponent + headroom - jnp.finfo(u.dtype).maxexp, 0)
     factor = power_of_two(-down, u.dtype)
     scaled = u * factor
     return scaled - lax.stop_gradient(jnp.max(scaled)), scale * factor, factor

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PyTree
 
+from ._misc import exponent_of
 from ._projections import (
     as_arrays,
-    binary_exponent,
     broadcast_like,
     check_parameter,
     floating,
@@ -137,7 +137,7 @@ def _shrink_groups(u: Array, s: Array) -> Array:
     largest = jax.lax.stop_gradient(
         jnp.max(jnp.abs(u), axis=axes, keepdims=True, initial=0)
     )
-    unit = power_of_two(-binary_exponent(largest, u.dtype), u.dtype)
+    unit = power_of_two(-exponent_of(largest, headroom=2), u.dtype)
     w = u * unit  # each group's largest element in [½, 1)
     squared = jnp.sum(jnp.abs(w) ** 2, axis=axes, keepdims=True)
     # At zero strength the map is the identity, also for a zero group.
