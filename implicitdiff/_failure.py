@@ -162,13 +162,15 @@ def apply_policy(
     policy: OnFailure,
     message: str,
     site: Site,
+    category: type[Warning] = RuntimeWarning,
 ) -> PyTree[Array]:
-    """NaN-fills `x` where `failed`, and warns or raises as `policy` says.
+    """NaN-fills `x` where `failed`, and warns (a `category`) or raises as `policy`
+    says.
 
     Costs one `lax.cond` on an unbatched flag when nothing fails (see `announce`).
     Only the flag goes to the host, never `x`: a sharded `x` stays sharded.
     """
-    flag = announce(failed, policy, message, site)
+    flag = announce(failed, policy, message, site, category)
     if policy == "nan":
         return jax.tree.map(lambda leaf: nan_where(flag, leaf), x)
     # The callback is pure: XLA removes it when the result does not depend on its
@@ -180,7 +182,11 @@ def apply_policy(
 
 
 def announce(
-    failed: Bool[Array, "*batch"], policy: OnFailure, message: str, site: Site
+    failed: Bool[Array, "*batch"],
+    policy: OnFailure,
+    message: str,
+    site: Site,
+    category: type[Warning] = RuntimeWarning,
 ) -> Bool[Array, "*batch"]:
     """`failed`, after warning or raising as `policy` says when it holds anywhere.
 
@@ -197,7 +203,7 @@ def announce(
     """
     if policy == "nan":
         return failed
-    branch = _warn(message, site) if policy == "warn" else _raise(message)
+    branch = _warn(message, site, category) if policy == "warn" else _raise(message)
     numbers = () if isinstance(site, CallSite) else (site.number,)
     any_failed = eqxi.unvmap_any(failed)
     told = lax.cond(
@@ -245,13 +251,13 @@ def _zero_from(flag: Bool[Array, ""], dtype) -> Array:
     return flag.astype(dtype) * jnp.zeros((), dtype)
 
 
-def _warn(message: str, site: Site):
+def _warn(message: str, site: Site, category: type[Warning]):
     """A `pure_callback` whose output feeds the result (so it is not dead code): unlike
     `jax.debug.callback` it carries no effect token, whose mere presence costs ~70 µs
     per call on CPU. A `SiteNumber` goes to the host with the flag."""
 
     def host(flag, *number):
-        (_SITES[int(number[0])] if number else site).warn(message)
+        (_SITES[int(number[0])] if number else site).warn(message, category)
         return flag
 
     return lambda flag, *numbers: jax.pure_callback(

@@ -46,6 +46,7 @@ from ._solvers._base import AbstractLinearSolver
 from ._solvers._least_squares import LeastSquares
 from ._user_code import (
     OPAQUE,
+    announce_moving_byproduct,
     byproduct_moves,
     cached,
     call_forward,
@@ -56,6 +57,7 @@ from ._user_code import (
 from ._validation import (
     announce_failed_conditions,
     check_callables,
+    check_concrete_shapes,
     check_conditions_output,
     check_linear_solver,
     check_options,
@@ -168,6 +170,7 @@ class ImplicitFunction(eqx.Module):
             )
 
     def _call(self, site: SiteNumber, x, args, kwargs):
+        check_concrete_shapes((x, args, kwargs))
         forward, conditions, replayable = hoist_closed_over_tracers(
             self.forward, self.conditions, x, args, kwargs, self.has_byproduct
         )
@@ -242,28 +245,47 @@ class ImplicitFunction(eqx.Module):
                 conditions, x, args, kwargs = inputs
                 return self._conditions(conditions, x, y, z, args, kwargs)
 
-            def z_of(moving):
+            # Values the forward closes over and that are differentiated (hoisted
+            # into `held`): the rule does not differentiate the forward, so they move
+            # y only through a byproduct the conditions read.
+            held_moving, held_still = eqx.partition(held, _moving(tangents[2]))
+            t_held = eqx.filter(tangents[2], _moving(tangents[2]))
+            if not self.has_byproduct:
+                held_moving = t_held = None
+
+            def z_of(movers):
+                moving, held_moving = movers
                 inputs, (forward, *_) = unpack(
-                    eqx.combine(moving, still), nondiff, held
+                    eqx.combine(moving, still),
+                    nondiff,
+                    eqx.combine(held_moving, held_still),
                 )
                 _, x, args, kwargs = inputs
                 output = call_forward(forward, x, args, kwargs)
                 return split_output(output, self.has_byproduct)[1]
 
-            if not jax.tree.leaves(moving):
+            if not jax.tree.leaves((moving, held_moving)):
                 return outputs, jax.tree.map(_zero_tangent, outputs)
-            warn_if_inputs_ignored(
-                lambda m: c(m, y), moving, self.conditions, tracing_site()
-            )
             # A byproduct the conditions read but the forward computes from what
             # moves: held constant, it would make every derivative wrong.
-            z_moves = self.has_byproduct and byproduct_moves(
+            z_moved = self.has_byproduct and byproduct_moves(
                 z_of,
-                moving,
+                (moving, held_moving),
                 lambda z: c(moving, y, z),
                 z,
                 self.on_failure,
-                tracing_site(),
+            )
+            z_moves = bool(z_moved)
+            if not jax.tree.leaves(moving):  # only the forward's closed-over values
+                zeros = jax.tree.map(_zero_tangent, out_arrays)
+                y_dot, z_dot = _poison_unless(~jnp.asarray(z_moves), t_held, *zeros)
+                if z_moves:
+                    y_dot, z_dot = announce_moving_byproduct(
+                        z_moved, self.on_failure, site, (y_dot, z_dot)
+                    )
+                return outputs, ((y_dot, z_dot), _zero_tangent(failed))
+            warn_if_inputs_ignored(
+                lambda m: c(m, y), moving, self.conditions, tracing_site()
             )
             residual, A = _linearise(lambda y: c(moving, y), y)
             _, B = jax.linearize(lambda m: c(m, y), moving)
@@ -292,7 +314,11 @@ class ImplicitFunction(eqx.Module):
             )
             z_dot = jax.tree.map(_zero_tangent, out_arrays[1])
             if self.check_conditions is not None or z_moves:
-                y_dot, z_dot = _poison_unless(sound, t_moving, y_dot, z_dot)
+                y_dot, z_dot = _poison_unless(sound, (t_moving, t_held), y_dot, z_dot)
+            if z_moves:
+                y_dot, z_dot = announce_moving_byproduct(
+                    z_moved, self.on_failure, site, (y_dot, z_dot)
+                )
             return outputs, ((y_dot, z_dot), _zero_tangent(failed))
 
         out_arrays, _ = implicit(diff, nondiff, held)

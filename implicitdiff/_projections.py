@@ -135,11 +135,11 @@ def _nan_derivative_unless_jvp(primals, tangents):
 
 
 def broadcast_like(
-    parameter: PyTree[ArrayLike], v: PyTree[Array], name: str = "parameter"
+    parameter: PyTree[ArrayLike], v: PyTree[Array], name: str, function: str
 ) -> PyTree[Array]:
     """`parameter` leaf by leaf with `v`: itself when it has `v`'s structure, else
     one array (a list of numbers is one) for every leaf, each shape checked against
-    its leaf."""
+    its leaf. Errors begin with `implicitdiff.{function}:`."""
     if jax.tree.structure(parameter) == jax.tree.structure(v):
         parameters = jax.tree.map(jnp.asarray, parameter)
     else:
@@ -147,14 +147,16 @@ def broadcast_like(
             one = jnp.asarray(parameter)
         except (TypeError, ValueError) as error:
             raise TypeError(
-                f"`{name}` must be a pytree shaped like v ({jax.tree.structure(v)}) "
-                f"or one array, got {jax.tree.structure(parameter)}."
+                f"implicitdiff.{function}: `{name}` must be a pytree shaped like v "
+                f"({jax.tree.structure(v)}) or one array, got "
+                f"{jax.tree.structure(parameter)}."
             ) from error
         parameters = jax.tree.map(lambda _: one, v)
     for p, leaf in zip(jax.tree.leaves(parameters), jax.tree.leaves(v), strict=True):
         if not _broadcasts_to(p.shape, leaf.shape):
             raise ValueError(
-                f"`{name}` has shape {p.shape}, which does not broadcast to the "
+                f"implicitdiff.{function}: `{name}` has shape {p.shape}, which does "
+                "not broadcast to the "
                 f"shape {leaf.shape} of v's leaf: give one value, or one per element."
             )
     return parameters
@@ -258,8 +260,8 @@ def box(
         lo, hi = (jnp.broadcast_to(bound, u.shape) for bound in (lo, hi))
         return where_valid(lo <= hi, _clip, u, lo, hi)
 
-    lower = broadcast_like(lower, v, "lower")
-    upper = broadcast_like(upper, v, "upper")
+    lower = broadcast_like(lower, v, "lower", "projections.box")
+    upper = broadcast_like(upper, v, "upper", "projections.box")
     return jax.tree.map(clip, v, lower, upper)
 
 

@@ -36,7 +36,7 @@ def _leafwise(function: str, shrink, v, strength, real_only: bool = False):
         s = jnp.broadcast_to(s, u.shape)
         return where_valid(s >= 0, lambda u, s: shrink(u, s).astype(u.dtype), u, s)
 
-    return jax.tree.map(checked, v, broadcast_like(strength, v, "strength"))
+    return jax.tree.map(checked, v, broadcast_like(strength, v, "strength", function))
 
 
 def l1(v: PyTree[ArrayLike], strength: PyTree[ArrayLike]) -> PyTree[Array]:

@@ -12,11 +12,20 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
+from jaxtyping import Array, PyTree
 
 from ._dependence import outputs_depending
-from ._failure import CallSite, OnFailure, OnFailureError
+from ._failure import (
+    CallSite,
+    OnFailure,
+    OnFailureError,
+    SiteNumber,
+    apply_policy,
+    tracing_site,
+)
 from ._misc import is_inexact_array, name_of, tracing
 from ._validation import split_output
 
@@ -200,10 +209,23 @@ def _closure_convert(fn, *args, **kwargs):
 
 
 def _may_close_over_tracers(fn) -> bool:
-    """False for a plain function with no closure and no traced default argument."""
+    """False for a plain function with no closure, no traced default argument and no
+    tracer among the globals it reads (a dict entry set to the value being
+    differentiated, say: left unconverted, it leaked into the rule)."""
     if not isinstance(fn, types.FunctionType) or fn.__closure__ is not None:
         return True
-    return has_tracers((fn.__defaults__, fn.__kwdefaults__))
+    return has_tracers((fn.__defaults__, fn.__kwdefaults__)) or _reads_tracers(fn)
+
+
+def _reads_tracers(fn) -> bool:
+    """Whether `fn` reads a tracer from outside its arguments (as `outside_values`
+    follows them); True when that cannot be known."""
+    reader = _Reader()
+    try:
+        reader.key(fn)
+    except Exception:  # _Opaque, RecursionError, an object resisting inspection
+        return True
+    return reader.found_tracer
 
 
 def warn_if_inputs_ignored(
@@ -236,13 +258,13 @@ def byproduct_moves(
     c_of_z: Callable,
     z,
     on_failure: OnFailure,
-    site: CallSite,
-) -> bool:
+) -> str | None:
     """Whether a floating leaf of the byproduct `z` that the conditions `c_of_z(z)`
     read depends on the differentiated inputs `moving` in the forward
     (`z_of_moving(moving)`), found in their jaxprs at trace time. The implicit rule
-    holds `z` constant: its derivative would then miss `∂c/∂z·dz/dx`. Warns (raises
-    with `on_failure="raise"`), once per call site, naming the leaves."""
+    holds `z` constant: its derivative would then miss `∂c/∂z·dz/dx`. Returns the
+    message naming the leaves (for `announce_moving_byproduct`) when it does, `None`
+    otherwise; raises `OnFailureError` with `on_failure="raise"`."""
     z_leaves, z_def = jax.tree.flatten(z)
     floating = [i for i, leaf in enumerate(z_leaves) if is_inexact_array(leaf)]
 
@@ -255,7 +277,7 @@ def byproduct_moves(
     unread = set(_unused_inputs(c_of_floating, [z_leaves[i] for i in floating]))
     read = [i for k, i in enumerate(floating) if k not in unread]
     if not read:
-        return False
+        return None
     m_leaves, m_def = jax.tree.flatten(moving)
 
     def z_read(*leaves):
@@ -265,14 +287,14 @@ def byproduct_moves(
     try:
         depending = outputs_depending(z_read, m_leaves, [True] * len(m_leaves))
     except UNTRACEABLE:  # a NumPy forward, run eagerly: nothing to read
-        return False
+        return None
     names = [
         "z" + jax.tree_util.keystr(path)
         for k, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(z)[0])
         if k in {i for i, d in zip(read, depending, strict=True) if d}
     ]
     if not names:
-        return False
+        return None
     message = (
         f"implicitdiff: the byproduct {', '.join(names)} is computed from the "
         "differentiated inputs and the conditions read it, but the implicit rule "
@@ -283,8 +305,21 @@ def byproduct_moves(
     )
     if on_failure == "raise":
         raise OnFailureError(message)
-    site.warn(message, UserWarning)
-    return True
+    return message
+
+
+def announce_moving_byproduct(
+    message: str, on_failure: OnFailure, site: SiteNumber, tangents: PyTree[Array]
+) -> PyTree[Array]:
+    """`tangents` (already NaN), after telling `message` (from `byproduct_moves`):
+    with `on_failure="warn"` at run time, from the program, as the failure policies
+    do, so that every line that calls it is told, also when its compiled program is
+    found in the cache; with `"nan"` (no callback in the program) when tracing."""
+    if on_failure == "warn":
+        failed = jnp.ones((), jnp.bool_)
+        return apply_policy(tangents, failed, "warn", message, site, UserWarning)
+    tracing_site().warn(message, UserWarning)
+    return tangents
 
 
 def _unused_inputs(fn: Callable, leaves: list) -> list[int]:
@@ -362,6 +397,7 @@ class _Reader:
         self.seen: dict[int, int] = {}  # id -> index of its key (cycles)
         self.alive: list = []  # what `seen` holds ids of: no id is reused meanwhile
         self.count = 0
+        self.found_tracer = False
 
     def key(self, value, depth: int = _READ_DEPTH):
         self.count += 1
@@ -372,6 +408,7 @@ class _Reader:
         if isinstance(value, (np.ndarray, np.generic)):
             return _array_key(value)
         if isinstance(value, jax.Array):
+            self.found_tracer |= isinstance(value, jax.core.Tracer)
             return _Identity(value)
         if isinstance(value, type) and not _is_library(value.__module__):
             return self._class(value, depth)  # a class named as a global: `Cfg.lam`

@@ -23,6 +23,24 @@ def check_callables(**functions) -> None:
             raise TypeError(f"ImplicitFunction: `{name}` must be callable, got {fn!r}.")
 
 
+def check_concrete_shapes(inputs: tuple[PyTree, tuple, dict]) -> None:
+    """Raises a `TypeError` when an array of the inputs `(x, args, kwargs)` has a
+    symbolic dimension (`jax.export` with `symbolic_shape`): the library's checks and
+    solver choices depend on the number of unknowns, which must be known when
+    tracing."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(inputs)[0]:
+        shape = getattr(leaf, "shape", ())
+        if not all(isinstance(d, (int, np.integer)) for d in shape):
+            name = ("x", "args", "kwargs")[path[0].idx] + jax.tree_util.keystr(path[1:])
+            raise TypeError(
+                f"implicitdiff.ImplicitFunction: the input {name} "
+                f"has the symbolic shape {tuple(shape)}: shape-polymorphic export is "
+                "not supported (the singularity thresholds, the checks and Auto's "
+                "choice of solver depend on the number of unknowns). Export one "
+                "program per size."
+            )
+
+
 def check_linear_solver(linear_solver) -> None:
     """Raises for a preconditioner or a lineax solver, naming the fix."""
     if isinstance(linear_solver, AbstractPreconditioner):

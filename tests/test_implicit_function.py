@@ -222,6 +222,42 @@ def test_closures_over_differentiated_values():
     assert_close(jax.hessian(loss)(2.0), -jnp.sum(jnp.sqrt(X)) / (4 * 2.0**1.5))
 
 
+_GLOBALS = {}
+
+
+def _conditions_reading_a_global(x, y):
+    return y**2 - _GLOBALS["scale"] * x
+
+
+def _conditions_through_a_helper(x, y):
+    return y**2 - _scale_from_a_global() * x
+
+
+def _scale_from_a_global():
+    return _GLOBALS["scale"]
+
+
+@pytest.mark.parametrize(
+    "conditions", [_conditions_reading_a_global, _conditions_through_a_helper]
+)
+def test_conditions_reading_a_differentiated_value_from_a_global(conditions):
+    # A plain function without a closure, reading the value being differentiated from
+    # a module-level dict (directly or through a helper): it was not converted, and
+    # the tracer leaked ("No constant handler for type: LinearizeTracer").
+    def loss(scale):
+        _GLOBALS["scale"] = scale
+        f = idf.ImplicitFunction(lambda x: jnp.sqrt(scale * x), conditions)
+        return jnp.sum(f(X))
+
+    expected = jnp.sum(jnp.sqrt(X)) / (2 * jnp.sqrt(2.0))
+    try:
+        assert_close(jax.grad(loss)(2.0), expected)
+        assert_close(jax.jit(jax.grad(loss))(2.0), expected)
+        assert_close(jax.jacfwd(loss)(2.0), expected)
+    finally:
+        _GLOBALS.clear()
+
+
 def test_integer_args_and_static_args_pass_through():
     def forward(x, power, mode):
         assert mode == "static"

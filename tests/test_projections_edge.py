@@ -334,8 +334,14 @@ def test_clear_errors_for_unsupported_inputs():
     v = jnp.asarray([0.3, 0.5, 0.2])
     with pytest.raises(TypeError, match="two arguments"):
         projections.box(v, (0.0, 1.0), None)  # jaxopt's projection_box
-    with pytest.raises(ValueError, match="does not broadcast"):
+    with pytest.raises(ValueError, match=r"^implicitdiff.projections.box: .*broadcast"):
         projections.box(v, jnp.zeros(2), 1.0)
+    with pytest.raises(
+        ValueError, match=r"^implicitdiff.prox.l1: .*does not broadcast"
+    ):
+        prox.l1(v, jnp.ones(2))
+    with pytest.raises(TypeError, match=r"^implicitdiff.prox.l1: `strength` must be"):
+        prox.l1({"a": v, "b": v}, [{"a": 1.0}, None])
     with pytest.raises(ValueError, match="simplex in zero dimensions is empty"):
         projections.simplex(jnp.zeros(0))
     assert projections.l1_ball(jnp.zeros(0)).shape == (0,)  # {()} is its own ball

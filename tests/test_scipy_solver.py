@@ -175,6 +175,7 @@ def test_condition_estimate_shortcut(monkeypatch, dtype):
 
     from implicitdiff._misc import singular_threshold
     from implicitdiff._solvers import _scipy
+    from implicitdiff._solvers._host_helpers import norms_1_and_inf
 
     n = 2000
     laplacian = sp.diags_array([-1.0, 2.0, -1.0], offsets=[-1, 0, 1], shape=(n, n))
@@ -186,7 +187,7 @@ def test_condition_estimate_shortcut(monkeypatch, dtype):
         "onenormest",
         lambda A, *a, **k: estimates.append(1) or original(A, *a, **k),
     )
-    norms = _scipy._norms_1_and_inf(well.tocsr())
+    norms = norms_1_and_inf(well.tocsr())
     assert _scipy._well_conditioned(_scipy.sla.splu(well), well.tocsr(), norms)
     assert not estimates
     # A Neumann Laplacian (singular) plus `shift·I`: κ₂ ≈ 4/shift, 8 times the
@@ -196,9 +197,51 @@ def test_condition_estimate_shortcut(monkeypatch, dtype):
     near[0, 0] -= 1.0
     near[-1, -1] -= 1.0
     near = near.astype(dtype)
-    norms = _scipy._norms_1_and_inf(near.tocsr())
+    norms = norms_1_and_inf(near.tocsr())
     assert not _scipy._well_conditioned(_scipy.sla.splu(near), near.tocsr(), norms)
     assert estimates
+
+
+class _CountingLU:
+    """A SuperLU factor that counts the columns it solves, and how many of them
+    transposed."""
+
+    def __init__(self, lu):
+        self.lu, self.shape, self.columns, self.transposed = lu, lu.shape, 0, 0
+
+    def solve(self, b, trans="N"):
+        self.columns += 1 if b.ndim == 1 else b.shape[1]
+        self.transposed += trans != "N"
+        return self.lu.solve(b, trans=trans)
+
+
+def test_condition_shortcut_stages(monkeypatch):
+    """The shortcut solves two probe columns and one transposed column when that
+    settles it, and only then two more (the transposed solve again only for a new
+    column), before Higham's estimates."""
+    import scipy.sparse as sp
+
+    from implicitdiff._misc import singular_threshold
+    from implicitdiff._solvers import _scipy
+    from implicitdiff._solvers._host_helpers import norms_1_and_inf
+
+    n = 500
+    matrix = sp.csc_matrix(
+        sp.diags_array([-1.0, 3.0, -1.0], offsets=[-1, 0, 1], shape=(n, n))
+    )
+    norm = max(norms_1_and_inf(matrix.tocsr()))
+    threshold = singular_threshold(n, np.float64)
+    lu = _CountingLU(_scipy.sla.splu(matrix))
+    assert _scipy._far_below(lu, np.float64, norm, threshold)
+    assert (lu.columns, lu.transposed) == (3, 1)
+    # A first stage that cannot settle it: the second one does.
+    monkeypatch.setattr(_scipy, "_STAGES", ((2, 1e30), (4, 7)))
+    lu = _CountingLU(_scipy.sla.splu(matrix))
+    assert _scipy._far_below(lu, np.float64, norm, threshold)
+    assert lu.columns - lu.transposed == 4 and lu.transposed in (1, 2)
+    # Neither can (κ of this matrix is about 2): Higham's estimates decide.
+    monkeypatch.setattr(_scipy, "_STAGES", ((2, 1e30), (4, 1e30)))
+    assert not _scipy._far_below(lu, np.float64, norm, threshold)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])

@@ -278,6 +278,31 @@ def test_condition_estimates_bound_the_exact_norms_from_below():
     assert not estimate * norm <= 1e3 * singular_threshold(40, jnp.float64)
 
 
+@pytest.mark.parametrize("n", [5, 48, 49, 300])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.complex64])
+def test_direct_matrix_norms_exact_and_nan_safe(n, dtype):
+    """`Direct`'s `‖M‖₁` and `‖M‖∞` (sums up to 48 unknowns, products with ones
+    above): against NumPy's, batched under `vmap`, and NaN (resp. inf) when an entry
+    is."""
+    from implicitdiff._solvers._direct import _norms_1_and_inf
+
+    rng = np.random.default_rng(n)
+    M = rng.normal(size=(3, n, n)) + (
+        1j * rng.normal(size=(3, n, n))
+        if jnp.issubdtype(dtype, jnp.complexfloating)
+        else 0
+    )
+    M = M.astype(dtype)
+    norms = np.asarray(jax.jit(jax.vmap(_norms_1_and_inf))(jnp.asarray(M)))
+    exact = [[np.linalg.norm(m.astype(complex), p) for p in (1, np.inf)] for m in M]
+    np.testing.assert_allclose(norms, exact, rtol=1e-5)
+    for bad in (np.nan, np.inf):
+        spoiled = M[0].copy()
+        spoiled[n // 2, n // 3] = bad
+        norms = np.asarray(jax.jit(_norms_1_and_inf)(jnp.asarray(spoiled)))
+        assert (np.isnan(norms) if np.isnan(bad) else np.isposinf(norms)).all()
+
+
 # ------------------------------------------------------------------ point 1
 
 

@@ -338,6 +338,22 @@ def test_jax_export_needs_the_nan_policy():
         export.export(grad_of("warn"))(x)
 
 
+def test_shape_polymorphic_export_is_refused_with_a_clear_error():
+    """Symbolic dimensions crashed deep in the checks (`InconclusiveDimensionOperation`
+    in `_misc.size`): now a `TypeError` naming the input, when tracing."""
+    from jax import export
+
+    f = idf.ImplicitFunction(jnp.sqrt, lambda x, y, s: y**2 - x, on_failure="nan")
+    n = export.symbolic_shape("n")
+    struct = jax.ShapeDtypeStruct(n, jnp.float64)
+    with pytest.raises(TypeError, match=r"the input x has the symbolic shape"):
+        export.export(jax.jit(f))(struct, jnp.ones(2))
+    with pytest.raises(TypeError, match=r"the input args\[0\] has the symbolic"):
+        export.export(jax.jit(lambda s: f(jnp.ones(2), s)))(struct)
+    with pytest.raises(TypeError, match="symbolic shape"):
+        export.export(jax.jit(jax.grad(lambda x: f(x, 1.0).sum())))(struct)
+
+
 def test_unhashable_static_argument_runs_eagerly():
     """A SciPy matrix passed as an argument cannot key the compiled call's cache:
     the call runs eagerly, as before, and its derivative is right."""
@@ -784,6 +800,83 @@ def test_a_byproduct_computed_from_x_and_read_by_the_conditions_is_refused(case,
     )
     with pytest.raises(idf.OnFailureError, match="byproduct"):
         mode(lambda x: loud(x)[0])(x)
+
+
+@pytest.mark.parametrize("x_moves", [False, True])
+def test_a_byproduct_from_a_value_the_forward_closes_over_is_refused(x_moves):
+    # The forward closes over `a` (differentiated) and returns z = a, read by the
+    # conditions: the rule, which does not differentiate the forward, gave 0.0 for the
+    # true 5.0 (x fixed), silently, in every mode.
+    x = jnp.array([1.0, 4.0])
+
+    def outer(a, x=x):
+        f = idf.ImplicitFunction(
+            lambda x: (x * a, a * 1.0), lambda x, y, z: y - x * z, has_byproduct=True
+        )
+        return jnp.sum(f(x * a if x_moves else x)[0])
+
+    derivatives = {
+        "grad": lambda: jax.grad(outer)(3.0),
+        "jit grad": lambda: jax.jit(jax.grad(outer))(3.0),
+        "jvp": lambda: jax.jvp(outer, (3.0,), (1.0,))[1],
+        "vmap grad": lambda: jax.vmap(jax.grad(outer))(jnp.array([2.0, 3.0])),
+    }
+    for mode, derivative in derivatives.items():
+        with pytest.warns(UserWarning, match=r"the byproduct z is computed from"):
+            value = derivative()
+        assert bool(jnp.all(jnp.isnan(value))), mode
+
+
+def test_a_moving_byproduct_is_told_at_every_line_that_calls():
+    # Told when tracing only, a second line that found the compiled program in the
+    # cache got the NaN derivative without a word.
+    f = idf.ImplicitFunction(
+        lambda x: (2 * x, 2 * x), lambda x, y, z: y - z + 0 * x, has_byproduct=True
+    )
+    x = jnp.array([1.0, 4.0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = jax.jacrev(lambda x: f(x)[0])(x)
+        second = jax.jacrev(lambda x: f(x)[0])(x + 1)
+    lines = {w.lineno for w in caught if "the byproduct z" in str(w.message)}
+    assert len(lines) == 2 and all(issubclass(w.category, UserWarning) for w in caught)
+    assert bool(jnp.all(jnp.isnan(first)) & jnp.all(jnp.isnan(second)))
+    quiet = idf.ImplicitFunction(
+        lambda x: (2 * x, 2 * x),
+        lambda x, y, z: y - z + 0 * x,
+        has_byproduct=True,
+        on_failure="nan",
+    )
+    with pytest.warns(UserWarning, match="the byproduct z"):  # when tracing
+        assert bool(jnp.all(jnp.isnan(jax.jacfwd(lambda x: quiet(x)[0])(x))))
+
+
+def test_a_value_the_forward_closes_over_moves_y_only_through_the_conditions():
+    # Closed over by the forward only (a starting point, a step size): by the implicit
+    # function theorem y does not depend on it; an unread or stopped byproduct from it
+    # changes nothing. No warning, derivative zero (and exact in x).
+    x = jnp.array([4.0, 9.0])
+
+    def through(a, byproduct, conditions):
+        def forward(x):
+            y = a * jnp.ones_like(x)
+            for _ in range(40):
+                y = 0.5 * (y + x / y)
+            return y, byproduct(a)
+
+        f = idf.ImplicitFunction(forward, conditions, has_byproduct=True)
+        return jnp.sum(f(x)[0])
+
+    cases = [
+        (lambda a: 2 * a, lambda x, y, z: y**2 - x),  # unread
+        (lambda a: jax.lax.stop_gradient(a), lambda x, y, z: z / z * (y**2 - x)),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for byproduct, conditions in cases:
+            for derivative in (jax.grad, lambda f: jax.jit(jax.grad(f))):
+                grad = derivative(lambda a: through(a, byproduct, conditions))(3.0)
+                assert float(grad) == 0.0
 
 
 def test_a_byproduct_that_is_constant_unread_or_stopped_is_accepted():

@@ -15,6 +15,7 @@ from ._host_helpers import (
     csr_nbytes,
     freeze,
     iterate_to_tolerance,
+    norms_1_and_inf,
     thaw,
 )
 from ._krylov import check_tolerances, default_rtol
@@ -173,7 +174,7 @@ SciPy.__init__.__doc__ = """**Arguments:**
 
 
 def _prepare_direct(method, options, csr):
-    norms = _norms_1_and_inf(csr)  # ‖A‖∞ is also the backward-error test's scale
+    norms = norms_1_and_inf(csr)  # ‖A‖∞ is also the backward-error test's scale
     if method == "splu":
         lu = sla.splu(csr.tocsc(), **options)
         regular = _well_conditioned(lu, csr, norms)
@@ -193,14 +194,6 @@ def _splu_options(spsolve_options: dict) -> dict:
     return {k: v for k, v in spsolve_options.items() if k == "permc_spec"}
 
 
-def _norms_1_and_inf(csr) -> tuple[float, float]:
-    """`(‖A‖₁, ‖A‖∞)`; zeros for an empty matrix."""
-    if not csr.nnz:
-        return 0.0, 0.0
-    magnitude = np.abs(csr)
-    return np.max(magnitude.sum(axis=0)), np.max(magnitude.sum(axis=1))
-
-
 def _well_conditioned(lu, csr, norms: tuple[float, float]) -> bool:
     """`max(κ₁(A), κ∞(A)) ≤ 1/(√n·ε)`, by Higham's estimates of `‖A⁻¹‖₁` and
     `‖A⁻ᴴ‖₁ = ‖A⁻¹‖∞` from a few solves with the factors: SuperLU factorises
@@ -210,7 +203,7 @@ def _well_conditioned(lu, csr, norms: tuple[float, float]) -> bool:
 
     Those estimates take about a dozen solves, a third of the factorisation's time
     for a 2D PDE on 256² nodes; `_far_below` first tries to settle it with two.
-    `norms`: `(‖A‖₁, ‖A‖∞)`, from `_norms_1_and_inf`."""
+    `norms`: `(‖A‖₁, ‖A‖∞)`, from `norms_1_and_inf`."""
     cast = lambda v: np.asarray(v, csr.dtype)  # the estimator works in float64
     threshold = singular_threshold(csr.shape[0], csr.dtype)
     if _far_below(lu, csr.dtype, max(norms), threshold):
@@ -228,46 +221,63 @@ def _well_conditioned(lu, csr, norms: tuple[float, float]) -> bool:
     return bool(condition <= threshold)
 
 
-# Four probes, each nearly orthogonal to the top singular vector (|v·x| < 0.01) with
-# probability 0.008: all four with probability below 10⁻⁸. A shortfall of the power
-# step is then under n^¼/√(2·0.01) ≈ 7·n^¼. (Two probes need 71·n^¼ for the same
-# bound, which no longer settles `sparse_pde_vjp`'s 1024² Jacobian: Higham's dozen
-# solves then cost 4 s more than the two extra columns save.)
-_PROBES = 4
-_SHORTFALL = 7
+# Pseudo-random Gaussian probes, tried in two stages: each probe is nearly orthogonal
+# to the top singular vector (|v·x| < δ) with probability about 0.8·δ, so two probes
+# all miss it (δ = 10⁻⁴) with probability below 10⁻⁸, as do four with δ = 0.01. A
+# shortfall of the power step is then under n^¼/√(2δ): 71·n^¼ with two probes, 7·n^¼
+# with four. Two settle `sparse_pde_vjp`'s 256² and 512² Jacobians (two solves fewer
+# than four would take); its 1024² one needs the four (with two, Higham's dozen
+# solves would cost 4 s more than the two extra columns).
+_STAGES = ((2, 71), (4, 7))  # (probes, shortfall factor)
 
 
 @ft.lru_cache(maxsize=8)
 def _probes(n: int, dtype) -> np.ndarray:
-    """`_PROBES` fixed pseudo-random Gaussian columns, drawn once per size (drawing
-    them costs ~3 ms at n = 65 536, a tenth of the certificate)."""
-    x = np.random.default_rng(0).standard_normal((n, _PROBES)).astype(dtype)
+    """The fixed pseudo-random Gaussian columns of the largest stage, drawn once per
+    size (drawing them costs ~3 ms at n = 65 536, a tenth of the certificate)."""
+    x = np.random.default_rng(0).standard_normal((n, _STAGES[-1][0])).astype(dtype)
     x.flags.writeable = False
     return x
 
 
 def _far_below(lu, dtype, norm, threshold) -> bool:
     """Whether `max(κ₁, κ∞)` is surely far below `threshold`, from one step of the
-    power method on `A⁻ᴴA⁻¹`: one block solve for four fixed pseudo-random Gaussian
+    power method on `A⁻ᴴA⁻¹`: one block solve for fixed pseudo-random Gaussian
     columns `x`, one transposed solve for the column `y = A⁻¹x` that grew most, and
-    `s = ‖A⁻ᴴy‖₂/‖y‖₂ ≤ ‖A⁻¹‖₂`.
+    `s = ‖A⁻ᴴy‖₂/‖y‖₂ ≤ ‖A⁻¹‖₂`; first with two columns, then, if that does not
+    settle it, with two more.
 
     `s` can fall short of `‖A⁻¹‖₂` by about `n^¼/√(2|v·x|)` at most (`v` the top
     right singular vector of `A⁻¹`; the worst spectrum has its other singular values
-    at `n^(-¼)` of the largest): under `7·n^¼` unless all the `|v·x|` are below
-    0.01, which for Gaussian columns has probability below 10⁻⁸. With
-    `‖A⁻¹‖₁, ‖A⁻¹‖∞ ≤ √n‖A⁻¹‖₂`, `7·n^¾·s·max(‖A‖₁, ‖A‖∞) ≤ threshold` settles it
-    (on `sparse_pde_vjp`'s Jacobians with 800× to spare at 256², 1.5× at 1024²).
-    Otherwise (including a non-finite solve) Higham's estimates decide."""
+    at `n^(-¼)` of the largest): under `71·n^¼` with two columns and `7·n^¼` with
+    four, unless all their `|v·x|` are below 10⁻⁴ (resp. 0.01), which for Gaussian
+    columns has probability below 10⁻⁸ (for each stage). With
+    `‖A⁻¹‖₁, ‖A⁻¹‖∞ ≤ √n‖A⁻¹‖₂`, `shortfall·n^¾·s·max(‖A‖₁, ‖A‖∞) ≤ threshold`
+    settles it. Otherwise (including a non-finite solve) Higham's estimates
+    decide."""
     n = lu.shape[0]
     x = _probes(n, np.dtype(dtype))
-    y = lu.solve(x)
-    growth = np.linalg.norm(y, axis=0) / np.linalg.norm(x, axis=0)
-    if not np.all(np.isfinite(growth)):
-        return False
-    best = y[:, np.argmax(growth)]
-    s = np.linalg.norm(lu.solve(best, trans="H")) / np.linalg.norm(best)
-    return bool(_SHORTFALL * n**0.75 * s * norm <= threshold)
+    # Fortran order: a column is contiguous (SuperLU and the norms of a strided
+    # column took 4× as long).
+    y = np.empty(x.shape, x.dtype, order="F")
+    growth_of = {}  # column → s, so that a column is not solved transposed twice
+    solved = 0
+    for count, shortfall in _STAGES:
+        y[:, solved:count] = lu.solve(x[:, solved:count])
+        solved = count
+        growth = np.linalg.norm(y[:, :count], axis=0) / np.linalg.norm(
+            x[:, :count], axis=0
+        )
+        if not np.all(np.isfinite(growth)):
+            return False
+        best = int(np.argmax(growth))
+        if best not in growth_of:
+            column = y[:, best]
+            transposed = lu.solve(column, trans="H")
+            growth_of[best] = np.linalg.norm(transposed) / np.linalg.norm(column)
+        if shortfall * n**0.75 * growth_of[best] * norm <= threshold:
+            return True
+    return False
 
 
 def _all_nan(B):
