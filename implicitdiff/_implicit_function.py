@@ -277,13 +277,12 @@ class ImplicitFunction(eqx.Module):
             )
             z_moves = bool(z_moved)
             if not jax.tree.leaves(moving):  # only the forward's closed-over values
-                zeros = jax.tree.map(_zero_tangent, out_arrays)
-                y_dot, z_dot = _poison_unless(~jnp.asarray(z_moves), t_held, *zeros)
-                if z_moves:
-                    y_dot, z_dot = announce_moving_byproduct(
-                        z_moved, self.on_failure, site, (y_dot, z_dot)
-                    )
-                return outputs, ((y_dot, z_dot), _zero_tangent(failed))
+                zeros = jax.tree.map(_zero_tangent, outputs)
+                if not z_moves:
+                    return outputs, zeros
+                nan = _poison_unless(jnp.asarray(False), t_held, *zeros[0])
+                nan = announce_moving_byproduct(z_moved, self.on_failure, site, nan)
+                return outputs, (nan, zeros[1])
             warn_if_inputs_ignored(
                 lambda m: c(m, y), moving, self.conditions, tracing_site()
             )
