@@ -268,14 +268,18 @@ class ImplicitFunction(eqx.Module):
                 return outputs, jax.tree.map(_zero_tangent, outputs)
             # A byproduct the conditions read but the forward computes from what
             # moves: held constant, it would make every derivative wrong.
-            z_moved = self.has_byproduct and byproduct_moves(
-                z_of,
-                (moving, held_moving),
-                lambda z: c(moving, y, z),
-                z,
-                self.on_failure,
+            z_moved = (  # the message, or None
+                byproduct_moves(
+                    z_of,
+                    (moving, held_moving),
+                    lambda z: c(moving, y, z),
+                    z,
+                    self.on_failure,
+                )
+                if self.has_byproduct
+                else None
             )
-            z_moves = bool(z_moved)
+            z_moves = z_moved is not None
             if not jax.tree.leaves(moving):  # only the forward's closed-over values
                 zeros = jax.tree.map(_zero_tangent, outputs)
                 if not z_moves:

@@ -260,7 +260,7 @@ def _far_below(lu, dtype, norm, threshold) -> bool:
     # Fortran order: a column is contiguous (SuperLU and the norms of a strided
     # column took 4× as long).
     y = np.empty(x.shape, x.dtype, order="F")
-    growth_of = {}  # column → s, so that a column is not solved transposed twice
+    step_of = {}  # column → its s, so that no column is solved transposed twice
     solved = 0
     for count, shortfall in _STAGES:
         y[:, solved:count] = lu.solve(x[:, solved:count])
@@ -271,11 +271,11 @@ def _far_below(lu, dtype, norm, threshold) -> bool:
         if not np.all(np.isfinite(growth)):
             return False
         best = int(np.argmax(growth))
-        if best not in growth_of:
+        if best not in step_of:
             column = y[:, best]
             transposed = lu.solve(column, trans="H")
-            growth_of[best] = np.linalg.norm(transposed) / np.linalg.norm(column)
-        if shortfall * n**0.75 * growth_of[best] * norm <= threshold:
+            step_of[best] = np.linalg.norm(transposed) / np.linalg.norm(column)
+        if shortfall * n**0.75 * step_of[best] * norm <= threshold:
             return True
     return False
 
